@@ -1,0 +1,135 @@
+//! A queue: its ready messages (positions in the log, never bodies), its consumers and
+//! the round-robin cursor. Messages are kept in log order; a requeued message goes back
+//! to its original place, so requeues preserve publish order as RabbitMQ does.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use holdfast_codec::FieldTable;
+use holdfast_store::LogPosition;
+
+use crate::{ChannelKey, ConnectionId, QueueId};
+
+/// A reference to a stored message: where its record is and how long it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRef {
+    /// Record position in the log.
+    pub position: LogPosition,
+    /// Record length.
+    pub len: u32,
+}
+
+/// One message in one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueEntry {
+    /// The stored message.
+    pub message: MessageRef,
+    /// Body size, for byte counts.
+    pub body_size: u32,
+    /// Whether it may have been delivered before.
+    pub redelivered: bool,
+    /// Whether the queue must get it back after a restart (durable queue, persistent
+    /// message); only such entries get ack records.
+    pub recoverable: bool,
+}
+
+/// A consumer attached to a queue.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    /// The channel it belongs to.
+    pub channel: ChannelKey,
+    /// Its tag.
+    pub tag: Arc<str>,
+    /// Messages are settled on delivery.
+    pub no_ack: bool,
+    /// Whether it holds the queue exclusively.
+    pub exclusive: bool,
+    /// Per-consumer prefetch (0 = unlimited).
+    pub prefetch: u16,
+    /// Deliveries not yet settled.
+    pub unacked: u32,
+}
+
+impl Consumer {
+    /// Whether its own prefetch allows another delivery.
+    #[must_use]
+    pub fn has_credit(&self) -> bool {
+        self.no_ack || self.prefetch == 0 || self.unacked < u32::from(self.prefetch)
+    }
+}
+
+/// A queue.
+#[derive(Debug)]
+pub struct Queue {
+    /// Never reused, so log records of a deleted queue cannot reach a new one.
+    pub id: QueueId,
+    /// Its name.
+    pub name: String,
+    /// Its vhost.
+    pub vhost: String,
+    /// Survives restarts.
+    pub durable: bool,
+    /// Owner connection, for exclusive queues.
+    pub exclusive_owner: Option<ConnectionId>,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Declared arguments, kept as given.
+    pub arguments: FieldTable,
+    /// Ready messages in log order.
+    pub ready: VecDeque<QueueEntry>,
+    /// Bytes of ready bodies.
+    pub ready_bytes: u64,
+    /// Attached consumers.
+    pub consumers: Vec<Consumer>,
+    /// Where round-robin resumes.
+    pub cursor: usize,
+    /// Whether it ever had a consumer (auto-delete only triggers after one).
+    pub had_consumer: bool,
+}
+
+impl Queue {
+    /// Adds a message at its place in log order (the back, for a fresh publish).
+    pub fn push(&mut self, entry: QueueEntry) {
+        self.ready_bytes += u64::from(entry.body_size);
+        match self.ready.back() {
+            Some(last) if last.message.position > entry.message.position => {
+                let at = self
+                    .ready
+                    .partition_point(|e| e.message.position < entry.message.position);
+                self.ready.insert(at, entry);
+            }
+            _ => self.ready.push_back(entry),
+        }
+    }
+
+    /// Puts a delivered message back at its original place, marked redelivered.
+    pub fn requeue(&mut self, mut entry: QueueEntry) {
+        entry.redelivered = true;
+        self.push(entry);
+    }
+
+    /// Takes the head message.
+    pub fn pop(&mut self) -> Option<QueueEntry> {
+        let entry = self.ready.pop_front()?;
+        self.ready_bytes -= u64::from(entry.body_size);
+        Some(entry)
+    }
+
+    /// Number of ready messages.
+    #[must_use]
+    pub fn message_count(&self) -> u32 {
+        u32::try_from(self.ready.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Number of consumers.
+    #[must_use]
+    pub fn consumer_count(&self) -> u32 {
+        u32::try_from(self.consumers.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether a consumer holds it exclusively.
+    #[must_use]
+    pub fn has_exclusive_consumer(&self) -> bool {
+        self.consumers.iter().any(|c| c.exclusive)
+    }
+}

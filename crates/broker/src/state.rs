@@ -1,0 +1,289 @@
+//! All broker state behind the one lock, and the internal operations that keep its parts
+//! consistent: dispatching to consumers, settling, requeueing, deleting queues.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use holdfast_codec::FieldTable;
+use holdfast_store::Store;
+use tracing::error;
+
+use crate::channel::{ChannelState, Unacked};
+use crate::exchange::{Destination, Exchange, ExchangeKind};
+use crate::outbound::Outbound;
+use crate::queue::{Queue, QueueEntry};
+use crate::record::encode_ack;
+use crate::{ChannelKey, ConnectionId, QueueId};
+
+/// A vhost's names.
+#[derive(Debug, Default)]
+pub struct VHost {
+    /// Exchanges by name.
+    pub exchanges: HashMap<String, Exchange>,
+    /// Queue ids by name.
+    pub queues: HashMap<String, QueueId>,
+}
+
+impl VHost {
+    /// A vhost with the exchanges every AMQP broker predeclares.
+    pub fn with_builtin_exchanges() -> Self {
+        let mut vhost = VHost::default();
+        for (name, kind) in [
+            ("", ExchangeKind::Direct),
+            ("amq.direct", ExchangeKind::Direct),
+            ("amq.fanout", ExchangeKind::Fanout),
+            ("amq.topic", ExchangeKind::Topic),
+            ("amq.headers", ExchangeKind::Headers),
+            ("amq.match", ExchangeKind::Headers),
+        ] {
+            vhost.exchanges.insert(
+                name.to_owned(),
+                Exchange::new(name.to_owned(), kind, true, false, false, FieldTable::default()),
+            );
+        }
+        vhost
+    }
+}
+
+/// A connection as the broker sees it.
+pub struct ConnectionState {
+    /// The vhost it opened.
+    pub vhost: String,
+    /// Where its events go.
+    pub outbound: crate::OutboundSink,
+    /// Open channel numbers.
+    pub channels: HashSet<u16>,
+    /// Exclusive queues it owns.
+    pub exclusive_queues: HashSet<QueueId>,
+}
+
+/// Everything behind the broker lock.
+#[derive(Default)]
+pub struct State {
+    /// Vhosts by name.
+    pub vhosts: HashMap<String, VHost>,
+    /// Queues by id.
+    pub queues: HashMap<QueueId, Queue>,
+    /// Open connections.
+    pub connections: HashMap<ConnectionId, ConnectionState>,
+    /// Open channels.
+    pub channels: HashMap<ChannelKey, ChannelState>,
+    /// Next queue id to hand out; persisted with the definitions.
+    pub next_queue_id: u64,
+    /// Next connection id.
+    pub next_connection_id: ConnectionId,
+}
+
+/// Settlements that must reach the log: ack records for recoverable entries, and
+/// references to release. Collected during an operation and applied once at its end.
+#[derive(Debug, Default)]
+pub struct Settlements {
+    acks: Vec<(QueueId, u64)>,
+    releases: Vec<holdfast_store::LogPosition>,
+}
+
+impl Settlements {
+    /// Records that `queue` no longer holds `entry`.
+    pub fn settle(&mut self, queue: QueueId, entry: &QueueEntry) {
+        if entry.recoverable {
+            self.acks.push((queue, entry.message.position.0));
+        }
+        self.releases.push(entry.message.position);
+    }
+
+    /// Like `settle`, but the reference is released later by whoever still reads it.
+    pub fn settle_keep_reference(&mut self, queue: QueueId, entry: &QueueEntry) {
+        if entry.recoverable {
+            self.acks.push((queue, entry.message.position.0));
+        }
+    }
+
+    /// Writes one ack record for all recoverable entries, then releases references.
+    /// The ack needs no fsync of its own: if it is lost in a crash the message comes
+    /// back marked redelivered, which at-least-once delivery allows.
+    pub fn apply(self, store: &Store) {
+        if !self.acks.is_empty() {
+            if let Err(err) = store.append(&encode_ack(&self.acks), 0) {
+                error!(cause = %err, "ack record could not be written");
+            }
+        }
+        for position in self.releases {
+            store.release(position);
+        }
+    }
+}
+
+impl State {
+    /// Delivers ready messages of `queue_id` to consumers with credit, round-robin.
+    pub fn dispatch(&mut self, queue_id: QueueId, settlements: &mut Settlements) {
+        let Some(queue) = self.queues.get_mut(&queue_id) else {
+            return;
+        };
+        let count = queue.consumers.len();
+        if count == 0 {
+            return;
+        }
+        while !queue.ready.is_empty() {
+            let chosen = (0..count).map(|i| (queue.cursor + i) % count).find(|&index| {
+                let consumer = &queue.consumers[index];
+                consumer.has_credit()
+                    && self
+                        .channels
+                        .get(&consumer.channel)
+                        .is_some_and(ChannelState::can_deliver)
+            });
+            let Some(index) = chosen else {
+                break;
+            };
+            queue.cursor = (index + 1) % count;
+            let Some(entry) = queue.pop() else {
+                break;
+            };
+            let consumer = &mut queue.consumers[index];
+            let Some(channel) = self.channels.get_mut(&consumer.channel) else {
+                break;
+            };
+            let delivery_tag = channel.next_delivery_tag();
+            if consumer.no_ack {
+                settlements.settle_keep_reference(queue_id, &entry);
+            } else {
+                consumer.unacked += 1;
+                channel.unacked.insert(
+                    delivery_tag,
+                    Unacked {
+                        queue: queue_id,
+                        entry,
+                        consumer_tag: Some(consumer.tag.clone()),
+                    },
+                );
+            }
+            let event = Outbound::Deliver {
+                channel: consumer.channel.channel,
+                consumer_tag: consumer.tag.clone(),
+                delivery_tag,
+                redelivered: entry.redelivered,
+                message: entry.message,
+                release_after_read: consumer.no_ack,
+            };
+            let sent = self
+                .connections
+                .get(&consumer.channel.connection)
+                .is_some_and(|connection| (connection.outbound)(event));
+            if !sent && consumer.no_ack {
+                // The connection is gone; the message was already settled, so drop the
+                // reference it would have released after reading.
+                settlements.releases.push(entry.message.position);
+            }
+        }
+    }
+
+    /// Dispatches every queue that a consumer of `channel` reads from.
+    pub fn dispatch_channel(&mut self, channel: ChannelKey, settlements: &mut Settlements) {
+        let queues: HashSet<QueueId> = self
+            .channels
+            .get(&channel)
+            .map(|state| state.consumers.values().copied().collect())
+            .unwrap_or_default();
+        for queue in queues {
+            self.dispatch(queue, settlements);
+        }
+    }
+
+    /// Finishes deliveries taken off a channel: requeued (redelivered) or settled.
+    /// Frees the consumers' credit; the caller dispatches afterwards.
+    pub fn finish_deliveries(
+        &mut self,
+        channel: ChannelKey,
+        deliveries: Vec<(u64, Unacked)>,
+        requeue: bool,
+        settlements: &mut Settlements,
+    ) -> HashSet<QueueId> {
+        let mut touched = HashSet::new();
+        for (_, unacked) in deliveries {
+            let Some(queue) = self.queues.get_mut(&unacked.queue) else {
+                // The queue was deleted while the message was out: only the reference
+                // remains to drop.
+                settlements.releases.push(unacked.entry.message.position);
+                continue;
+            };
+            if let Some(tag) = &unacked.consumer_tag {
+                if let Some(consumer) = queue
+                    .consumers
+                    .iter_mut()
+                    .find(|c| c.channel == channel && &c.tag == tag)
+                {
+                    consumer.unacked = consumer.unacked.saturating_sub(1);
+                }
+            }
+            if requeue {
+                queue.requeue(unacked.entry);
+            } else {
+                settlements.settle(unacked.queue, &unacked.entry);
+            }
+            touched.insert(unacked.queue);
+        }
+        touched
+    }
+
+    /// Removes a consumer from its queue and channel. Returns the queue id if the queue
+    /// is auto-delete and now has no consumers (the caller deletes it).
+    pub fn remove_consumer(&mut self, channel: ChannelKey, tag: &Arc<str>) -> Option<QueueId> {
+        let queue_id = self.channels.get_mut(&channel)?.consumers.remove(tag)?;
+        let queue = self.queues.get_mut(&queue_id)?;
+        queue
+            .consumers
+            .retain(|c| !(c.channel == channel && &c.tag == tag));
+        if queue.cursor >= queue.consumers.len() {
+            queue.cursor = 0;
+        }
+        (queue.auto_delete && queue.had_consumer && queue.consumers.is_empty()).then_some(queue_id)
+    }
+
+    /// Deletes a queue: its bindings, its ready messages (settled), and its consumers
+    /// (told with a server-side cancel). Deliveries still out are settled when they come
+    /// back. Returns the number of ready messages dropped.
+    pub fn delete_queue(&mut self, queue_id: QueueId, settlements: &mut Settlements) -> u32 {
+        let Some(mut queue) = self.queues.remove(&queue_id) else {
+            return 0;
+        };
+        let dropped = queue.message_count();
+        while let Some(entry) = queue.pop() {
+            settlements.settle(queue_id, &entry);
+        }
+        for consumer in &queue.consumers {
+            if let Some(channel) = self.channels.get_mut(&consumer.channel) {
+                channel.consumers.remove(&consumer.tag);
+            }
+            if let Some(connection) = self.connections.get(&consumer.channel.connection) {
+                (connection.outbound)(Outbound::Cancel {
+                    channel: consumer.channel.channel,
+                    consumer_tag: consumer.tag.clone(),
+                });
+            }
+        }
+        if let Some(owner) = queue.exclusive_owner {
+            if let Some(connection) = self.connections.get_mut(&owner) {
+                connection.exclusive_queues.remove(&queue_id);
+            }
+        }
+        if let Some(vhost) = self.vhosts.get_mut(&queue.vhost) {
+            if vhost.queues.get(&queue.name) == Some(&queue_id) {
+                vhost.queues.remove(&queue.name);
+            }
+            let destination = Destination::Queue(queue_id);
+            let mut emptied = Vec::new();
+            for exchange in vhost.exchanges.values_mut() {
+                if exchange.unbind_destination(&destination) > 0
+                    && exchange.auto_delete
+                    && exchange.bindings().is_empty()
+                {
+                    emptied.push(exchange.name.clone());
+                }
+            }
+            for name in emptied {
+                vhost.exchanges.remove(&name);
+            }
+        }
+        dropped
+    }
+}

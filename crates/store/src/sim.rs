@@ -1,0 +1,219 @@
+//! An in-memory [`FileSystem`] that models what survives a power cut, after Jepsen's
+//! LazyFS: each file keeps its written bytes and, apart, the bytes as of its last
+//! successful `sync_data`; each directory keeps its current names and, apart, the names as
+//! of its last `sync_dir`. [`SimFileSystem::power_loss`] kills the running instance (every
+//! later operation on it fails with `EIO`) and returns a fresh one holding only the
+//! durable state. `fail_sync` makes every `sync_data` fail, for poisoning tests.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::file_layer::{FileSystem, LockGuard, LogFile};
+
+#[derive(Default)]
+struct Flags {
+    dead: AtomicBool,
+    fail_sync: AtomicBool,
+}
+
+impl Flags {
+    fn check_alive(&self) -> io::Result<()> {
+        if self.dead.load(Ordering::SeqCst) {
+            Err(io::Error::other("simulated machine is powered off"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[derive(Default)]
+struct Contents {
+    current: Vec<u8>,
+    synced: Vec<u8>,
+}
+
+struct SimFile {
+    contents: Mutex<Contents>,
+    flags: Arc<Flags>,
+}
+
+impl LogFile for SimFile {
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.flags.check_alive()?;
+        let mut contents = self.contents.lock();
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let end = start + buf.len();
+        if contents.current.len() < end {
+            contents.current.resize(end, 0);
+        }
+        contents.current[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.flags.check_alive()?;
+        let contents = self.contents.lock();
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let source = contents
+            .current
+            .get(start..start + buf.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(source);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.flags.check_alive()?;
+        if self.flags.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        let mut contents = self.contents.lock();
+        contents.synced = contents.current.clone();
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.flags.check_alive()?;
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        self.contents.lock().current.resize(len, 0);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.flags.check_alive()?;
+        Ok(self.contents.lock().current.len() as u64)
+    }
+}
+
+#[derive(Default)]
+struct Namespace {
+    current: HashMap<PathBuf, Arc<SimFile>>,
+    durable: HashMap<PathBuf, Arc<SimFile>>,
+}
+
+/// See the module docs.
+#[derive(Clone, Default)]
+pub(crate) struct SimFileSystem {
+    namespace: Arc<Mutex<Namespace>>,
+    flags: Arc<Flags>,
+}
+
+impl SimFileSystem {
+    /// Makes every later `sync_data` fail with `EIO` (or succeed again).
+    pub(crate) fn set_fail_sync(&self, fail: bool) {
+        self.flags.fail_sync.store(fail, Ordering::SeqCst);
+    }
+
+    /// Cuts the power: this instance fails every operation from now on; the returned one
+    /// holds exactly what was durable.
+    pub(crate) fn power_loss(&self) -> SimFileSystem {
+        let namespace = self.namespace.lock();
+        self.flags.dead.store(true, Ordering::SeqCst);
+        let flags = Arc::new(Flags::default());
+        let mut survivor = Namespace::default();
+        for (path, file) in &namespace.durable {
+            let bytes = file.contents.lock().synced.clone();
+            let file = Arc::new(SimFile {
+                contents: Mutex::new(Contents {
+                    current: bytes.clone(),
+                    synced: bytes,
+                }),
+                flags: Arc::clone(&flags),
+            });
+            survivor.current.insert(path.clone(), Arc::clone(&file));
+            survivor.durable.insert(path.clone(), file);
+        }
+        SimFileSystem {
+            namespace: Arc::new(Mutex::new(survivor)),
+            flags,
+        }
+    }
+}
+
+impl FileSystem for SimFileSystem {
+    fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
+        // Directories themselves are modelled as always present and durable.
+        self.flags.check_alive()
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.flags.check_alive()?;
+        let namespace = self.namespace.lock();
+        Ok(namespace
+            .current
+            .keys()
+            .filter(|path| path.parent() == Some(dir))
+            .filter_map(|path| path.file_name()?.to_str().map(str::to_owned))
+            .collect())
+    }
+
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
+        self.flags.check_alive()?;
+        let mut namespace = self.namespace.lock();
+        if let Some(file) = namespace.current.get(path) {
+            return Ok(Arc::clone(file) as Arc<dyn LogFile>);
+        }
+        if !create {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        let file = Arc::new(SimFile {
+            contents: Mutex::new(Contents::default()),
+            flags: Arc::clone(&self.flags),
+        });
+        namespace
+            .current
+            .insert(path.to_path_buf(), Arc::clone(&file));
+        Ok(file)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.flags.check_alive()?;
+        self.namespace
+            .lock()
+            .current
+            .remove(path)
+            .map(drop)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.flags.check_alive()?;
+        let mut namespace = self.namespace.lock();
+        let file = namespace
+            .current
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        namespace.current.insert(to.to_path_buf(), file);
+        Ok(())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.flags.check_alive()?;
+        let mut namespace = self.namespace.lock();
+        namespace.durable.retain(|path, _| parent_dir(path) != dir);
+        let entries: Vec<_> = namespace
+            .current
+            .iter()
+            .filter(|(path, _)| parent_dir(path) == dir)
+            .map(|(path, file)| (path.clone(), Arc::clone(file)))
+            .collect();
+        namespace.durable.extend(entries);
+        Ok(())
+    }
+
+    fn try_lock(&self, _path: &Path) -> io::Result<Option<LockGuard>> {
+        self.flags.check_alive()?;
+        Ok(Some(Box::new(())))
+    }
+}
+
+/// The directory `path` lives in.
+fn parent_dir(path: &Path) -> PathBuf {
+    path.parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}

@@ -1,0 +1,872 @@
+//! [`Store`]: the append path, the flusher thread (group commit), reads, live-reference
+//! counting with prefix deletion, and recovery at open.
+//!
+//! # Lock order
+//! `gc_lock` → `segments`; `writer` → `segments`; `writer` → `sync_lock`. The flusher and
+//! `sync_all` release `writer` before taking `sync_lock` for the fsync itself, so appends
+//! proceed while an fsync is in flight and share the next one.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+use tokio::sync::watch;
+
+use crate::config::{FsyncPolicy, StoreConfig};
+use crate::error::{StoreError, StorePoisoned};
+use crate::file_layer::{FileSystem, LockGuard, LogFile, StdFileSystem};
+use crate::position::LogPosition;
+use crate::segment::{
+    HEADER_LEN, MAGIC, MAGIC_LEN, MAX_RECORD_SIZE, Segment, decode_header, encode_record,
+    parse_segment_file_name, record_crc, scan, segment_file_name,
+};
+
+/// Where an appended record landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// Position of the record (pass it to [`Store::read`], `retain`, `release`).
+    pub position: LogPosition,
+    /// Payload length (pass it to [`Store::read`]).
+    pub len: u32,
+    /// Logical offset just past this record: the record is confirmable once
+    /// [`Store::durable`] reaches it.
+    pub end: u64,
+}
+
+/// Counters for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Segment files currently in the log.
+    pub segments: usize,
+    /// Sum of segment file lengths.
+    pub bytes_on_disk: u64,
+    /// Logical offset just past the last byte handed to the OS.
+    pub written: u64,
+    /// Logical offset up to which every byte is known fsynced (whatever the policy).
+    pub durable: u64,
+    /// Successful `fsync` (`sync_data`) calls on segment files since open.
+    pub fsyncs: u64,
+    /// Records appended since open.
+    pub appended_records: u64,
+}
+
+/// The commit log. Cheap to clone; all clones share one log. Dropping the last clone (or
+/// calling [`Store::shutdown`]) stops the flusher after a final fsync.
+#[derive(Clone)]
+pub struct Store {
+    handle: Arc<Handle>,
+}
+
+/// Owns the flusher thread; its `Drop` is the shutdown of the last `Store` clone.
+struct Handle {
+    core: Arc<Core>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Core {
+    fs: Arc<dyn FileSystem>,
+    dir: PathBuf,
+    log_dir: PathBuf,
+    segment_size: u64,
+    policy: FsyncPolicy,
+    /// Position assignment and the write syscall happen together under this lock.
+    writer: Mutex<Writer>,
+    /// Wakes the flusher: an append under `Always`, poisoning, shutdown.
+    flusher_wake: Condvar,
+    /// Serialises fsyncs so that after one fails no later one can publish progress.
+    sync_lock: Mutex<()>,
+    /// Set (under `sync_lock`) once any fsync failed.
+    sync_failed: AtomicBool,
+    /// Every live segment by base offset; the last entry is the active segment.
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    /// Keeps segment unlinks in base order even when two releases collect at once.
+    gc_lock: Mutex<()>,
+    /// Deletion starts with the first `collect_garbage` call, after the broker retained
+    /// everything it recovered.
+    gc_enabled: AtomicBool,
+    /// Serialises `write_definitions` (they share `definitions.tmp`).
+    definitions_lock: Mutex<()>,
+    durable_tx: watch::Sender<Result<u64, StorePoisoned>>,
+    fsyncs: AtomicU64,
+    appended_records: AtomicU64,
+    _lock: LockGuard,
+}
+
+struct Writer {
+    active: Arc<Segment>,
+    /// Length of the active segment file = file offset of the next record.
+    active_len: u64,
+    /// `active.base + active_len`.
+    written: u64,
+    /// Every byte below this is fsynced.
+    synced: u64,
+    poisoned: Option<StorePoisoned>,
+    shutdown: bool,
+}
+
+const LOCK_FILE: &str = "LOCK";
+const LOG_DIR: &str = "log";
+const DEFINITIONS_FILE: &str = "definitions";
+const DEFINITIONS_TMP_FILE: &str = "definitions.tmp";
+
+impl Store {
+    /// Opens the store in `config.dir` (creating it if needed), locks it, replays every
+    /// valid record to `visit` in log order, cuts a torn tail, and starts the flusher.
+    ///
+    /// After open every segment has zero live references: call [`Store::retain`] for each
+    /// recovered record still needed, then [`Store::collect_garbage`] once.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`] if another process has the directory open,
+    /// [`StoreError::Io`] on I/O failure, [`StoreError::InvalidConfig`] if `segment_size`
+    /// cannot hold a record header.
+    pub fn open(
+        config: StoreConfig,
+        mut visit: impl FnMut(LogPosition, &[u8]),
+    ) -> Result<Store, StoreError> {
+        Store::open_with(Arc::new(StdFileSystem), config, &mut visit)
+    }
+
+    pub(crate) fn open_with(
+        fs: Arc<dyn FileSystem>,
+        config: StoreConfig,
+        visit: &mut dyn FnMut(LogPosition, &[u8]),
+    ) -> Result<Store, StoreError> {
+        if config.segment_size < MAGIC_LEN + HEADER_LEN {
+            return Err(StoreError::InvalidConfig {
+                reason: format!(
+                    "segment_size {} is below the minimum of {}",
+                    config.segment_size,
+                    MAGIC_LEN + HEADER_LEN
+                ),
+            });
+        }
+        let dir = config.dir.clone();
+        let log_dir = dir.join(LOG_DIR);
+        fs.create_dir_all(&log_dir)
+            .map_err(StoreError::io(format!("creating {}", log_dir.display())))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = fs
+            .try_lock(&lock_path)
+            .map_err(StoreError::io(format!("locking {}", lock_path.display())))?
+            .ok_or(StoreError::Locked { path: lock_path })?;
+
+        let segments = recover(fs.as_ref(), &log_dir, visit)?;
+        let active = Arc::clone(
+            segments
+                .values()
+                .next_back()
+                .expect("recover always leaves at least one segment"),
+        );
+        let active_len = active.len.load(Ordering::SeqCst);
+        let written = active.base + active_len;
+        let (durable_tx, _) = watch::channel(Ok(written));
+        let core = Arc::new(Core {
+            fs,
+            dir,
+            log_dir,
+            segment_size: config.segment_size,
+            policy: config.fsync,
+            writer: Mutex::new(Writer {
+                active,
+                active_len,
+                written,
+                synced: written,
+                poisoned: None,
+                shutdown: false,
+            }),
+            flusher_wake: Condvar::new(),
+            sync_lock: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
+            segments: RwLock::new(segments),
+            gc_lock: Mutex::new(()),
+            gc_enabled: AtomicBool::new(false),
+            definitions_lock: Mutex::new(()),
+            durable_tx,
+            fsyncs: AtomicU64::new(0),
+            appended_records: AtomicU64::new(0),
+            _lock: lock,
+        });
+        let flusher_core = Arc::clone(&core);
+        let flusher = std::thread::Builder::new()
+            .name("holdfast-store-flusher".to_owned())
+            .spawn(move || flusher_core.run_flusher())
+            .map_err(StoreError::io("spawning the flusher thread"))?;
+        tracing::info!(dir = %config.dir.display(), fsync = %config.fsync, written, "store opened");
+        Ok(Store {
+            handle: Arc::new(Handle {
+                core,
+                flusher: Mutex::new(Some(flusher)),
+            }),
+        })
+    }
+
+    /// Appends one record holding `refs` live references (0 for bookkeeping records).
+    /// The bytes are written to the OS before this returns, so [`Store::read`] sees them;
+    /// durability is reported through [`Store::durable`] / [`Store::wait_durable`].
+    ///
+    /// # Errors
+    /// [`StoreError::RecordTooLarge`] above 512 MiB; [`StoreError::Poisoned`] after an
+    /// earlier failure; [`StoreError::Io`] if this write fails (which poisons the store);
+    /// [`StoreError::Closed`] after shutdown.
+    pub fn append(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
+        let mut appended = self.append_batch(&[(payload, refs)])?;
+        Ok(appended.pop().expect("one record in, one position out"))
+    }
+
+    /// Appends several records with as few writes as possible (one per segment touched);
+    /// positions are returned in input order.
+    ///
+    /// # Errors
+    /// As [`Store::append`]. If a later record of the batch fails, earlier ones may be in
+    /// the log (and be replayed after a restart) although the call returned an error.
+    pub fn append_batch(&self, payloads: &[(&[u8], u32)]) -> Result<Vec<Appended>, StoreError> {
+        let core = &self.handle.core;
+        let (appended, rolled) = core.append_batch(payloads)?;
+        if rolled && core.gc_enabled.load(Ordering::SeqCst) {
+            core.collect_garbage();
+        }
+        Ok(appended)
+    }
+
+    /// Reads the payload of the record at `position` (as returned by `append` or passed to
+    /// the `open` visitor). Safe from any thread, concurrently with appends and deletion.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if no live segment holds `position`;
+    /// [`StoreError::Corrupt`] if the stored length or checksum does not match;
+    /// [`StoreError::Io`] if the read fails (including past the end of the file).
+    pub fn read(&self, position: LogPosition, len: u32) -> Result<Bytes, StoreError> {
+        let segment = self
+            .handle
+            .core
+            .segment_for(position)
+            .ok_or(StoreError::NotFound {
+                position: position.0,
+            })?;
+        let offset = position.0 - segment.base;
+        if offset < MAGIC_LEN {
+            return Err(StoreError::NotFound {
+                position: position.0,
+            });
+        }
+        let mut buf = vec![0u8; HEADER_LEN as usize + len as usize];
+        segment
+            .file
+            .read_at(&mut buf, offset)
+            .map_err(StoreError::io(format!("reading record at {position}")))?;
+        let header: [u8; 8] = buf[..8]
+            .try_into()
+            .expect("buffer starts with a full header");
+        let (stored_len, stored_crc) = decode_header(&header);
+        let corrupt = |reason: String| StoreError::Corrupt {
+            position: position.0,
+            reason,
+        };
+        if stored_len != len {
+            return Err(corrupt(format!(
+                "stored length {stored_len}, expected {len}"
+            )));
+        }
+        let payload = Bytes::from(buf).slice(HEADER_LEN as usize..);
+        if record_crc(&payload) != stored_crc {
+            return Err(corrupt("checksum mismatch".to_owned()));
+        }
+        Ok(payload)
+    }
+
+    /// Adds a live reference to the segment holding `position`.
+    pub fn retain(&self, position: LogPosition) {
+        let segments = self.handle.core.segments.read();
+        match segments.range(..=position.0).next_back() {
+            Some((_, segment)) => {
+                segment.refs.fetch_add(1, Ordering::SeqCst);
+            }
+            None => tracing::warn!(%position, "retain of a position in no live segment"),
+        }
+    }
+
+    /// Drops one live reference to the segment holding `position`; once garbage collection
+    /// is enabled (first [`Store::collect_garbage`]), deletes the oldest segments that have
+    /// no live references, up to the first one that has (never the active segment).
+    pub fn release(&self, position: LogPosition) {
+        let core = &self.handle.core;
+        let now_free = {
+            let segments = core.segments.read();
+            let Some((_, segment)) = segments.range(..=position.0).next_back() else {
+                tracing::warn!(%position, "release of a position in no live segment");
+                return;
+            };
+            match segment
+                .refs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |refs| {
+                    refs.checked_sub(1)
+                }) {
+                Ok(previous) => previous == 1,
+                Err(_) => {
+                    tracing::warn!(%position, "release of a segment with no live references");
+                    false
+                }
+            }
+        };
+        if now_free && core.gc_enabled.load(Ordering::SeqCst) {
+            core.collect_garbage();
+        }
+    }
+
+    /// Enables garbage collection and deletes the unreferenced prefix of the log now.
+    pub fn collect_garbage(&self) {
+        let core = &self.handle.core;
+        core.gc_enabled.store(true, Ordering::SeqCst);
+        core.collect_garbage();
+    }
+
+    /// A watch of the confirmable logical offset: under [`FsyncPolicy::Always`] every byte
+    /// below it is fsynced; under `Interval` and `Never` it is the offset written to the
+    /// OS. Becomes `Err` once the store is poisoned and never changes again.
+    pub fn durable(&self) -> watch::Receiver<Result<u64, StorePoisoned>> {
+        self.handle.core.durable_tx.subscribe()
+    }
+
+    /// Waits until [`Store::durable`] reaches `end` (an [`Appended::end`]).
+    ///
+    /// # Errors
+    /// The poison if the store is (or becomes) poisoned before that.
+    pub async fn wait_durable(&self, end: u64) -> Result<(), StorePoisoned> {
+        let mut receiver = self.durable();
+        loop {
+            match &*receiver.borrow_and_update() {
+                Ok(durable) if *durable >= end => return Ok(()),
+                Err(poisoned) => return Err(poisoned.clone()),
+                Ok(_) => {}
+            }
+            if receiver.changed().await.is_err() {
+                return Err(StorePoisoned {
+                    message: "store closed".to_owned(),
+                });
+            }
+        }
+    }
+
+    /// Fsyncs everything written so far and blocks until done.
+    ///
+    /// # Errors
+    /// [`StoreError::Poisoned`] if already poisoned; [`StoreError::Io`] if the fsync fails
+    /// (which poisons the store).
+    pub fn sync_all(&self) -> Result<(), StoreError> {
+        let core = &self.handle.core;
+        let mut writer = core.writer.lock();
+        if writer.poisoned.is_some() {
+            return Err(StoreError::Poisoned);
+        }
+        core.sync_locked(&mut writer)
+    }
+
+    /// Stops the flusher and fsyncs everything written. Later appends fail with
+    /// [`StoreError::Closed`]. Dropping the last clone does the same.
+    ///
+    /// # Errors
+    /// As [`Store::sync_all`].
+    pub fn shutdown(&self) -> Result<(), StoreError> {
+        self.handle.shutdown()
+    }
+
+    /// Atomically replaces the definitions blob: writes `definitions.tmp`, fsyncs it,
+    /// renames it over `definitions`, fsyncs the directory.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if any step fails; the previous blob is then still intact. This
+    /// does not poison the log.
+    pub fn write_definitions(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        let core = &self.handle.core;
+        let _guard = core.definitions_lock.lock();
+        let tmp = core.dir.join(DEFINITIONS_TMP_FILE);
+        let path = core.dir.join(DEFINITIONS_FILE);
+        let context = |what: &str| format!("{what} {}", tmp.display());
+        let file = core
+            .fs
+            .open(&tmp, true)
+            .map_err(StoreError::io(context("creating")))?;
+        file.set_len(0)
+            .map_err(StoreError::io(context("truncating")))?;
+        file.write_at(bytes, 0)
+            .map_err(StoreError::io(context("writing")))?;
+        file.sync_data()
+            .map_err(StoreError::io(context("syncing")))?;
+        core.fs
+            .rename(&tmp, &path)
+            .map_err(StoreError::io(format!("renaming over {}", path.display())))?;
+        core.fs
+            .sync_dir(&core.dir)
+            .map_err(StoreError::io(format!("syncing {}", core.dir.display())))
+    }
+
+    /// The definitions blob last written, or `None` if there never was one.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if reading fails.
+    pub fn read_definitions(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let core = &self.handle.core;
+        let path = core.dir.join(DEFINITIONS_FILE);
+        let context = || format!("reading {}", path.display());
+        let file = match core.fs.open(&path, false) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(StoreError::io(context())(error)),
+        };
+        let len = file.len().map_err(StoreError::io(context()))?;
+        let mut bytes = vec![
+            0u8;
+            usize::try_from(len).map_err(|_| StoreError::Corrupt {
+                position: 0,
+                reason: "definitions file larger than memory".to_owned(),
+            })?
+        ];
+        file.read_at(&mut bytes, 0)
+            .map_err(StoreError::io(context()))?;
+        Ok(Some(bytes))
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> StoreStats {
+        let core = &self.handle.core;
+        let (written, durable) = {
+            let writer = core.writer.lock();
+            (writer.written, writer.synced)
+        };
+        let segments = core.segments.read();
+        StoreStats {
+            segments: segments.len(),
+            bytes_on_disk: segments
+                .values()
+                .map(|segment| segment.len.load(Ordering::SeqCst))
+                .sum(),
+            written,
+            durable,
+            fsyncs: core.fsyncs.load(Ordering::SeqCst),
+            appended_records: core.appended_records.load(Ordering::SeqCst),
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Store")
+            .field("dir", &self.handle.core.dir)
+            .field("policy", &self.handle.core.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handle {
+    fn shutdown(&self) -> Result<(), StoreError> {
+        let Some(flusher) = self.flusher.lock().take() else {
+            return Ok(());
+        };
+        self.core.writer.lock().shutdown = true;
+        self.core.flusher_wake.notify_all();
+        if flusher.join().is_err() {
+            tracing::error!("store flusher thread panicked");
+        }
+        let mut writer = self.core.writer.lock();
+        if writer.poisoned.is_some() {
+            return Err(StoreError::Poisoned);
+        }
+        self.core.sync_locked(&mut writer)
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown() {
+            tracing::error!(error = %error, "final sync at store shutdown failed");
+        }
+    }
+}
+
+impl Core {
+    fn append_batch(&self, payloads: &[(&[u8], u32)]) -> Result<(Vec<Appended>, bool), StoreError> {
+        for (payload, _) in payloads {
+            if payload.len() > MAX_RECORD_SIZE {
+                return Err(StoreError::RecordTooLarge {
+                    len: payload.len(),
+                    max: MAX_RECORD_SIZE,
+                });
+            }
+        }
+        let mut writer = self.writer.lock();
+        if writer.poisoned.is_some() {
+            return Err(StoreError::Poisoned);
+        }
+        if writer.shutdown {
+            return Err(StoreError::Closed);
+        }
+        let mut appended = Vec::with_capacity(payloads.len());
+        let mut rolled = false;
+        let mut buf = Vec::new();
+        let mut buf_start = writer.active_len;
+        let mut pending_refs = 0u64;
+        for &(payload, refs) in payloads {
+            let size = HEADER_LEN + payload.len() as u64;
+            let at = buf_start + buf.len() as u64;
+            if at > MAGIC_LEN && at + size > self.segment_size {
+                self.write_pending(&mut writer, &buf, buf_start, pending_refs)?;
+                buf.clear();
+                pending_refs = 0;
+                self.roll(&mut writer)?;
+                rolled = true;
+                buf_start = writer.active_len;
+            }
+            let position = writer.active.base + buf_start + buf.len() as u64;
+            encode_record(&mut buf, payload);
+            pending_refs += u64::from(refs);
+            appended.push(Appended {
+                position: LogPosition(position),
+                len: u32::try_from(payload.len()).expect("checked against MAX_RECORD_SIZE"),
+                end: position + size,
+            });
+        }
+        self.write_pending(&mut writer, &buf, buf_start, pending_refs)?;
+        self.appended_records
+            .fetch_add(payloads.len() as u64, Ordering::SeqCst);
+        match self.policy {
+            FsyncPolicy::Always => {
+                self.flusher_wake.notify_all();
+            }
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.publish(writer.written),
+        }
+        Ok((appended, rolled))
+    }
+
+    /// Writes `buf` at `offset` of the active segment and accounts for it.
+    fn write_pending(
+        &self,
+        writer: &mut Writer,
+        buf: &[u8],
+        offset: u64,
+        refs: u64,
+    ) -> Result<(), StoreError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(error) = writer.active.file.write_at(buf, offset) {
+            return Err(self.poison(writer, "writing a segment", error));
+        }
+        writer.active_len = offset + buf.len() as u64;
+        writer.active.len.store(writer.active_len, Ordering::SeqCst);
+        writer.written = writer.active.base + writer.active_len;
+        writer.active.refs.fetch_add(refs, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Seals the active segment (fsynced) and starts the next one, named by its base
+    /// offset = old base + old length, with its magic and directory entry fsynced.
+    fn roll(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        let old = Arc::clone(&writer.active);
+        if let Err(error) = self.sync_file(old.file.as_ref()) {
+            return Err(self.poison(writer, "fsyncing a segment before roll", error));
+        }
+        let base = old.base + writer.active_len;
+        let path = self.log_dir.join(segment_file_name(base));
+        let created = self.fs.open(&path, true).and_then(|file| {
+            file.set_len(0)?;
+            file.write_at(&MAGIC, 0)?;
+            self.sync_file(file.as_ref())?;
+            self.fs.sync_dir(&self.log_dir)?;
+            Ok(file)
+        });
+        let file = match created {
+            Ok(file) => file,
+            Err(error) => return Err(self.poison(writer, "creating a segment", error)),
+        };
+        let segment = Arc::new(Segment {
+            base,
+            path,
+            file,
+            len: AtomicU64::new(MAGIC_LEN),
+            refs: AtomicU64::new(0),
+        });
+        self.segments.write().insert(base, Arc::clone(&segment));
+        writer.active = segment;
+        writer.active_len = MAGIC_LEN;
+        writer.written = base + MAGIC_LEN;
+        // The old segment and the new magic are both fsynced.
+        writer.synced = writer.written;
+        if self.policy == FsyncPolicy::Always {
+            self.publish(writer.synced);
+        }
+        tracing::debug!(base, "segment rolled");
+        Ok(())
+    }
+
+    /// Fsyncs the active segment up to what is written now, with `writer` released during
+    /// the fsync, then advances `synced` (and publishes it under `Always`).
+    fn sync_locked(&self, writer: &mut MutexGuard<'_, Writer>) -> Result<(), StoreError> {
+        let target = writer.written;
+        let file = Arc::clone(&writer.active.file);
+        let result = MutexGuard::unlocked(writer, || self.sync_file(file.as_ref()));
+        if let Err(error) = result {
+            return Err(self.poison(writer, "fsyncing a segment", error));
+        }
+        if writer.poisoned.is_some() {
+            return Err(StoreError::Poisoned);
+        }
+        if target > writer.synced {
+            writer.synced = target;
+        }
+        if self.policy == FsyncPolicy::Always {
+            self.publish(target);
+        }
+        Ok(())
+    }
+
+    /// One fsync, serialised with all others; refuses once any fsync has failed.
+    fn sync_file(&self, file: &dyn LogFile) -> io::Result<()> {
+        let _guard = self.sync_lock.lock();
+        if self.sync_failed.load(Ordering::SeqCst) {
+            return Err(io::Error::other("an earlier fsync failed"));
+        }
+        match file.sync_data() {
+            Ok(()) => {
+                self.fsyncs.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(error) => {
+                self.sync_failed.store(true, Ordering::SeqCst);
+                Err(error)
+            }
+        }
+    }
+
+    /// Raises the confirmable offset to `offset`; never lowers it, never clears a poison.
+    fn publish(&self, offset: u64) {
+        self.durable_tx.send_if_modified(|current| match current {
+            Ok(durable) if *durable < offset => {
+                *durable = offset;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Poisons the store: no write or durability progress from now on.
+    fn poison(&self, writer: &mut Writer, context: &'static str, error: io::Error) -> StoreError {
+        if writer.poisoned.is_none() {
+            tracing::error!(
+                context,
+                error = %error,
+                written = writer.written,
+                synced = writer.synced,
+                "store poisoned: refusing further writes"
+            );
+            let poisoned = StorePoisoned {
+                message: format!("{context}: {error}"),
+            };
+            writer.poisoned = Some(poisoned.clone());
+            // The previous value (the last durable offset) is no longer of interest.
+            let _previous = self.durable_tx.send_replace(Err(poisoned));
+        }
+        self.flusher_wake.notify_all();
+        StoreError::Io {
+            source: error,
+            context: context.to_owned(),
+        }
+    }
+
+    fn run_flusher(&self) {
+        let mut writer = self.writer.lock();
+        loop {
+            if writer.shutdown || writer.poisoned.is_some() {
+                return;
+            }
+            match self.policy {
+                FsyncPolicy::Always => {
+                    if writer.written > writer.synced {
+                        // A failure poisons the store; the loop then exits.
+                        let _ = self.sync_locked(&mut writer);
+                    } else {
+                        self.flusher_wake.wait(&mut writer);
+                    }
+                }
+                FsyncPolicy::Interval(period) => {
+                    let deadline = Instant::now() + period;
+                    while !writer.shutdown && writer.poisoned.is_none() {
+                        if self
+                            .flusher_wake
+                            .wait_until(&mut writer, deadline)
+                            .timed_out()
+                        {
+                            break;
+                        }
+                    }
+                    if !writer.shutdown
+                        && writer.poisoned.is_none()
+                        && writer.written > writer.synced
+                    {
+                        let _ = self.sync_locked(&mut writer);
+                    }
+                }
+                FsyncPolicy::Never => self.flusher_wake.wait(&mut writer),
+            }
+        }
+    }
+
+    fn segment_for(&self, position: LogPosition) -> Option<Arc<Segment>> {
+        let segments = self.segments.read();
+        segments
+            .range(..=position.0)
+            .next_back()
+            .map(|(_, segment)| Arc::clone(segment))
+    }
+
+    /// Deletes the longest prefix of unreferenced segments, never the active (last) one,
+    /// oldest first, each unlink made durable before the next so a crash never leaves a
+    /// newer segment deleted and an older one present.
+    fn collect_garbage(&self) {
+        let _guard = self.gc_lock.lock();
+        let mut dead = Vec::new();
+        {
+            let mut segments = self.segments.write();
+            while segments.len() > 1 {
+                let Some(entry) = segments.first_entry() else {
+                    break;
+                };
+                if entry.get().refs.load(Ordering::SeqCst) != 0 {
+                    break;
+                }
+                dead.push(entry.remove());
+            }
+        }
+        for segment in dead {
+            let result = self
+                .fs
+                .remove_file(&segment.path)
+                .and_then(|()| self.fs.sync_dir(&self.log_dir));
+            match result {
+                Ok(()) => tracing::debug!(base = segment.base, "segment deleted"),
+                Err(error) => tracing::warn!(
+                    segment = %segment.path.display(),
+                    error = %error,
+                    "could not delete a dead segment"
+                ),
+            }
+        }
+    }
+}
+
+/// Scans `log_dir`, visits every valid record, repairs the tail, and returns the segment
+/// table (never empty: a fresh log gets segment 0).
+fn recover(
+    fs: &dyn FileSystem,
+    log_dir: &Path,
+    visit: &mut dyn FnMut(LogPosition, &[u8]),
+) -> Result<BTreeMap<u64, Arc<Segment>>, StoreError> {
+    let mut bases: Vec<u64> = fs
+        .list_dir(log_dir)
+        .map_err(StoreError::io(format!("listing {}", log_dir.display())))?
+        .iter()
+        .filter_map(|name| parse_segment_file_name(name))
+        .collect();
+    bases.sort_unstable();
+    let mut segments = BTreeMap::new();
+    let count = bases.len();
+    for (index, base) in bases.into_iter().enumerate() {
+        let is_last = index + 1 == count;
+        let path = log_dir.join(segment_file_name(base));
+        let io_error = |what: &str| StoreError::io(format!("{what} {}", path.display()));
+        let file = fs.open(&path, false).map_err(io_error("opening"))?;
+        let mut len = file.len().map_err(io_error("reading length of"))?;
+        let mut magic = [0u8; MAGIC.len()];
+        let magic_ok = len >= MAGIC_LEN && {
+            file.read_at(&mut magic, 0).map_err(io_error("reading"))?;
+            magic == MAGIC
+        };
+        if !magic_ok {
+            if is_last {
+                tracing::warn!(segment = %path.display(), lost_bytes = len, "segment without magic reset");
+                file.set_len(0).map_err(io_error("truncating"))?;
+                file.write_at(&MAGIC, 0)
+                    .map_err(io_error("writing magic to"))?;
+                file.sync_data().map_err(io_error("syncing"))?;
+                len = MAGIC_LEN;
+            } else {
+                tracing::warn!(segment = %path.display(), lost_bytes = len, "sealed segment without magic skipped");
+            }
+        } else {
+            let outcome = scan(file.as_ref(), base, len, &mut |position, payload| {
+                visit(LogPosition(position), payload);
+            })
+            .map_err(io_error("scanning"))?;
+            if let Some(reason) = outcome.torn {
+                let offset = outcome.valid_len;
+                let lost_bytes = len - offset;
+                if is_last {
+                    file.set_len(offset).map_err(io_error("truncating"))?;
+                    file.sync_data().map_err(io_error("syncing"))?;
+                    tracing::warn!(segment = %path.display(), offset, lost_bytes, reason, "torn tail cut");
+                    len = offset;
+                } else {
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset,
+                        lost_bytes,
+                        reason,
+                        "corrupt record in a sealed segment; rest of the segment skipped"
+                    );
+                }
+            }
+        }
+        segments.insert(
+            base,
+            Arc::new(Segment {
+                base,
+                path,
+                file,
+                len: AtomicU64::new(len),
+                refs: AtomicU64::new(0),
+            }),
+        );
+    }
+    let sync_dir = |fs: &dyn FileSystem| {
+        fs.sync_dir(log_dir)
+            .map_err(StoreError::io(format!("syncing {}", log_dir.display())))
+    };
+    match segments.values().next_back() {
+        Some(last) => {
+            // Recovered bytes may exist only in the page cache (after a process crash);
+            // make them durable before anything new builds on them.
+            last.file
+                .sync_data()
+                .map_err(StoreError::io(format!("syncing {}", last.path.display())))?;
+            sync_dir(fs)?;
+        }
+        None => {
+            let path = log_dir.join(segment_file_name(0));
+            let io_error = |what: &str| StoreError::io(format!("{what} {}", path.display()));
+            let file = fs.open(&path, true).map_err(io_error("creating"))?;
+            file.set_len(0).map_err(io_error("truncating"))?;
+            file.write_at(&MAGIC, 0)
+                .map_err(io_error("writing magic to"))?;
+            file.sync_data().map_err(io_error("syncing"))?;
+            sync_dir(fs)?;
+            segments.insert(
+                0,
+                Arc::new(Segment {
+                    base: 0,
+                    path,
+                    file,
+                    len: AtomicU64::new(MAGIC_LEN),
+                    refs: AtomicU64::new(0),
+                }),
+            );
+        }
+    }
+    Ok(segments)
+}
