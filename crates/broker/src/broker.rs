@@ -151,7 +151,14 @@ fn locked(name: &str, vhost: &str) -> AmqpException {
     )
 }
 
-fn inequivalent(arg: &str, kind: &str, name: &str, vhost: &str, received: &str, current: &str) -> AmqpException {
+fn inequivalent(
+    arg: &str,
+    kind: &str,
+    name: &str,
+    vhost: &str,
+    received: &str,
+    current: &str,
+) -> AmqpException {
     AmqpException::channel(
         ReplyCode::PreconditionFailed,
         format!(
@@ -185,9 +192,14 @@ impl Broker {
     /// When the store cannot be opened or the definitions cannot be read.
     pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
         let mut replay = Replay::default();
-        let store = Store::open(config.store, |position, payload| replay.visit(position, payload))?;
+        let store = Store::open(config.store, |position, payload| {
+            replay.visit(position, payload)
+        })?;
         if replay.unknown_records > 0 {
-            warn!(records = replay.unknown_records, "log records of an unknown kind skipped");
+            warn!(
+                records = replay.unknown_records,
+                "log records of an unknown kind skipped"
+            );
         }
         let mut state = State::default();
         state
@@ -393,19 +405,32 @@ impl Broker {
             .connections
             .get(&connection)
             .map(|c| c.vhost.clone())
-            .ok_or_else(|| AmqpException::connection(ReplyCode::InternalError, "unknown connection"))
+            .ok_or_else(|| {
+                AmqpException::connection(ReplyCode::InternalError, "unknown connection")
+            })
     }
 
     /// Looks up a queue by name, enforcing exclusivity.
-    fn queue_id(state: &State, connection: ConnectionId, vhost: &str, name: &str) -> AmqpResult<QueueId> {
+    fn queue_id(
+        state: &State,
+        connection: ConnectionId,
+        vhost: &str,
+        name: &str,
+    ) -> AmqpResult<QueueId> {
         let id = state
             .vhosts
             .get(vhost)
             .and_then(|v| v.queues.get(name))
             .copied()
             .ok_or_else(|| not_found_queue(name, vhost))?;
-        let queue = state.queues.get(&id).ok_or_else(|| not_found_queue(name, vhost))?;
-        if queue.exclusive_owner.is_some_and(|owner| owner != connection) {
+        let queue = state
+            .queues
+            .get(&id)
+            .ok_or_else(|| not_found_queue(name, vhost))?;
+        if queue
+            .exclusive_owner
+            .is_some_and(|owner| owner != connection)
+        {
             return Err(locked(name, vhost));
         }
         Ok(id)
@@ -444,7 +469,14 @@ impl Broker {
                 return Ok(());
             }
             if existing.kind.name() != kind {
-                return Err(inequivalent("type", "exchange", name, &vhost_name, kind, existing.kind.name()));
+                return Err(inequivalent(
+                    "type",
+                    "exchange",
+                    name,
+                    &vhost_name,
+                    kind,
+                    existing.kind.name(),
+                ));
             }
             for (arg, received, current) in [
                 ("durable", durable, existing.durable),
@@ -452,7 +484,14 @@ impl Broker {
                 ("internal", internal, existing.internal),
             ] {
                 if received != current {
-                    return Err(inequivalent(arg, "exchange", name, &vhost_name, &received.to_string(), &current.to_string()));
+                    return Err(inequivalent(
+                        arg,
+                        "exchange",
+                        name,
+                        &vhost_name,
+                        &received.to_string(),
+                        &current.to_string(),
+                    ));
                 }
             }
             return Ok(());
@@ -467,11 +506,21 @@ impl Broker {
             ));
         }
         let kind = ExchangeKind::parse(kind).ok_or_else(|| {
-            AmqpException::connection(ReplyCode::CommandInvalid, format!("unknown exchange type '{kind}'"))
+            AmqpException::connection(
+                ReplyCode::CommandInvalid,
+                format!("unknown exchange type '{kind}'"),
+            )
         })?;
         vhost.exchanges.insert(
             name.to_owned(),
-            Exchange::new(name.to_owned(), kind, durable, auto_delete, internal, arguments),
+            Exchange::new(
+                name.to_owned(),
+                kind,
+                durable,
+                auto_delete,
+                internal,
+                arguments,
+            ),
         );
         if durable {
             self.persist_definitions(&state)?;
@@ -485,7 +534,12 @@ impl Broker {
     /// # Errors
     /// 403 for the default and `amq.*` exchanges, 406 when `if_unused` and it has
     /// bindings.
-    pub fn exchange_delete(&self, connection: ConnectionId, name: &str, if_unused: bool) -> AmqpResult<()> {
+    pub fn exchange_delete(
+        &self,
+        connection: ConnectionId,
+        name: &str,
+        if_unused: bool,
+    ) -> AmqpResult<()> {
         let mut state = self.state.lock();
         let vhost_name = Self::vhost_of(&state, connection)?;
         if is_builtin_exchange(name) {
@@ -555,7 +609,11 @@ impl Broker {
             arguments,
         };
         let Some(exchange) = vhost.exchanges.get_mut(source) else {
-            return if bind { Err(not_found_exchange(source, &vhost_name)) } else { Ok(()) };
+            return if bind {
+                Err(not_found_exchange(source, &vhost_name))
+            } else {
+                Ok(())
+            };
         };
         let changed = if bind {
             exchange.bind(binding)
@@ -579,7 +637,11 @@ impl Broker {
     /// # Errors
     /// 403 for reserved names, 404 for a passive miss, 405 for another connection's
     /// exclusive queue, 406 for an inequivalent re-declaration.
-    pub fn queue_declare(&self, connection: ConnectionId, request: QueueDeclare) -> AmqpResult<QueueDeclareOk> {
+    pub fn queue_declare(
+        &self,
+        connection: ConnectionId,
+        request: QueueDeclare,
+    ) -> AmqpResult<QueueDeclareOk> {
         let mut state = self.state.lock();
         let vhost_name = Self::vhost_of(&state, connection)?;
         let name = if request.name.is_empty() && !request.passive {
@@ -593,8 +655,14 @@ impl Broker {
             .and_then(|v| v.queues.get(&name))
             .copied();
         if let Some(id) = existing {
-            let queue = state.queues.get(&id).ok_or_else(|| not_found_queue(&name, &vhost_name))?;
-            if queue.exclusive_owner.is_some_and(|owner| owner != connection) {
+            let queue = state
+                .queues
+                .get(&id)
+                .ok_or_else(|| not_found_queue(&name, &vhost_name))?;
+            if queue
+                .exclusive_owner
+                .is_some_and(|owner| owner != connection)
+            {
                 return Err(locked(&name, &vhost_name));
             }
             if !request.passive {
@@ -605,7 +673,14 @@ impl Broker {
                     ("auto_delete", request.auto_delete, queue.auto_delete),
                 ] {
                     if received != current {
-                        return Err(inequivalent(arg, "queue", &name, &vhost_name, &received.to_string(), &current.to_string()));
+                        return Err(inequivalent(
+                            arg,
+                            "queue",
+                            &name,
+                            &vhost_name,
+                            &received.to_string(),
+                            &current.to_string(),
+                        ));
                     }
                 }
                 let received = x_arguments(&request.arguments);
@@ -616,7 +691,14 @@ impl Broker {
                         .chain(current.iter())
                         .find(|pair| !received.contains(pair) || !current.contains(pair))
                         .map_or("arguments", |(k, _)| *k);
-                    return Err(inequivalent(arg, "queue", &name, &vhost_name, "a different value", "another"));
+                    return Err(inequivalent(
+                        arg,
+                        "queue",
+                        &name,
+                        &vhost_name,
+                        "a different value",
+                        "another",
+                    ));
                 }
             }
             return Ok(QueueDeclareOk {
@@ -749,7 +831,13 @@ impl Broker {
     /// # Errors
     /// 406 when `if_unused`/`if_empty` do not hold, 405 for another connection's
     /// exclusive queue.
-    pub fn queue_delete(&self, connection: ConnectionId, queue: &str, if_unused: bool, if_empty: bool) -> AmqpResult<u32> {
+    pub fn queue_delete(
+        &self,
+        connection: ConnectionId,
+        queue: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> AmqpResult<u32> {
         let mut state = self.state.lock();
         let vhost_name = Self::vhost_of(&state, connection)?;
         let queue_id = match Self::queue_id(&state, connection, &vhost_name, queue) {
@@ -815,7 +903,11 @@ impl Broker {
     /// # Errors
     /// 404 / 405 for the queue, 403 for exclusivity conflicts, 530 (connection) for a
     /// reused tag.
-    pub fn basic_consume(&self, key: ChannelKey, request: ConsumeRequest) -> AmqpResult<(Arc<str>, QueueId)> {
+    pub fn basic_consume(
+        &self,
+        key: ChannelKey,
+        request: ConsumeRequest,
+    ) -> AmqpResult<(Arc<str>, QueueId)> {
         let mut state = self.state.lock();
         let vhost_name = Self::vhost_of(&state, key.connection)?;
         let queue_id = Self::queue_id(&state, key.connection, &vhost_name, &request.queue)?;
@@ -825,7 +917,10 @@ impl Broker {
             request.consumer_tag.as_str().into()
         };
         let Some(channel) = state.channels.get_mut(&key) else {
-            return Err(AmqpException::connection(ReplyCode::ChannelError, "channel not open"));
+            return Err(AmqpException::connection(
+                ReplyCode::ChannelError,
+                "channel not open",
+            ));
         };
         if channel.consumers.contains_key(&tag) {
             return Err(AmqpException::connection(
@@ -841,7 +936,10 @@ impl Broker {
         if queue.has_exclusive_consumer() || (request.exclusive && !queue.consumers.is_empty()) {
             return Err(AmqpException::channel(
                 ReplyCode::AccessRefused,
-                format!("queue '{}' in vhost '{vhost_name}' in exclusive use", request.queue),
+                format!(
+                    "queue '{}' in vhost '{vhost_name}' in exclusive use",
+                    request.queue
+                ),
             ));
         }
         queue.consumers.push(Consumer {
@@ -888,7 +986,11 @@ impl Broker {
     /// # Errors
     /// 404 for a missing exchange, 403 for an internal one, 541 (connection) when the
     /// store cannot take the write.
-    pub fn basic_publish(&self, connection: ConnectionId, request: &PublishRequest) -> AmqpResult<PublishOutcome> {
+    pub fn basic_publish(
+        &self,
+        connection: ConnectionId,
+        request: &PublishRequest,
+    ) -> AmqpResult<PublishOutcome> {
         let mut state = self.state.lock();
         let vhost_name = Self::vhost_of(&state, connection)?;
         let vhost = state
@@ -908,7 +1010,10 @@ impl Broker {
             if exchange.internal {
                 return Err(AmqpException::channel(
                     ReplyCode::AccessRefused,
-                    format!("cannot publish to internal exchange '{}' in vhost '{vhost_name}'", request.exchange),
+                    format!(
+                        "cannot publish to internal exchange '{}' in vhost '{vhost_name}'",
+                        request.exchange
+                    ),
                 ));
             }
             let mut visited: HashSet<&str> = HashSet::new();
@@ -920,7 +1025,11 @@ impl Broker {
                     continue;
                 }
                 destinations.clear();
-                exchange.route(&request.routing_key, request.headers.as_ref(), &mut destinations);
+                exchange.route(
+                    &request.routing_key,
+                    request.headers.as_ref(),
+                    &mut destinations,
+                );
                 for destination in &destinations {
                     match destination {
                         Destination::Queue(id) => {
@@ -964,7 +1073,10 @@ impl Broker {
         );
         let refs = u32::try_from(targets.len()).unwrap_or(u32::MAX);
         let appended = self.store.append(&record, refs).map_err(|err| {
-            AmqpException::connection(ReplyCode::InternalError, format!("message store failed: {err}"))
+            AmqpException::connection(
+                ReplyCode::InternalError,
+                format!("message store failed: {err}"),
+            )
         })?;
         let body_size = u32::try_from(request.body.len()).unwrap_or(u32::MAX);
         let mut settlements = Settlements::default();
@@ -994,7 +1106,12 @@ impl Broker {
     ///
     /// # Errors
     /// 404 / 405 for the queue.
-    pub fn basic_get(&self, key: ChannelKey, queue: &str, no_ack: bool) -> AmqpResult<Option<GetOk>> {
+    pub fn basic_get(
+        &self,
+        key: ChannelKey,
+        queue: &str,
+        no_ack: bool,
+    ) -> AmqpResult<Option<GetOk>> {
         let mut state = self.state.lock();
         let vhost_name = Self::vhost_of(&state, key.connection)?;
         let queue_id = Self::queue_id(&state, key.connection, &vhost_name, queue)?;
@@ -1006,7 +1123,10 @@ impl Broker {
         };
         let message_count = queue.message_count();
         let Some(channel) = state.channels.get_mut(&key) else {
-            return Err(AmqpException::connection(ReplyCode::ChannelError, "channel not open"));
+            return Err(AmqpException::connection(
+                ReplyCode::ChannelError,
+                "channel not open",
+            ));
         };
         let delivery_tag = channel.next_delivery_tag();
         if no_ack {
@@ -1037,14 +1157,28 @@ impl Broker {
     ///
     /// # Errors
     /// 406 PRECONDITION_FAILED for an unknown delivery tag.
-    pub fn basic_settle(&self, key: ChannelKey, delivery_tag: u64, multiple: bool, requeue: bool) -> AmqpResult<()> {
+    pub fn basic_settle(
+        &self,
+        key: ChannelKey,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> AmqpResult<()> {
         let mut state = self.state.lock();
         let Some(channel) = state.channels.get_mut(&key) else {
-            return Err(AmqpException::connection(ReplyCode::ChannelError, "channel not open"));
+            return Err(AmqpException::connection(
+                ReplyCode::ChannelError,
+                "channel not open",
+            ));
         };
-        let deliveries = channel.take_settled(delivery_tag, multiple).ok_or_else(|| {
-            AmqpException::channel(ReplyCode::PreconditionFailed, format!("unknown delivery tag {delivery_tag}"))
-        })?;
+        let deliveries = channel
+            .take_settled(delivery_tag, multiple)
+            .ok_or_else(|| {
+                AmqpException::channel(
+                    ReplyCode::PreconditionFailed,
+                    format!("unknown delivery tag {delivery_tag}"),
+                )
+            })?;
         let mut settlements = Settlements::default();
         let touched = state.finish_deliveries(key, deliveries, requeue, &mut settlements);
         for queue in touched {

@@ -53,7 +53,8 @@ impl ChannelState {
     #[must_use]
     pub fn can_deliver(&self) -> bool {
         self.flow_active
-            && (self.channel_prefetch == 0 || self.unacked.len() < usize::from(self.channel_prefetch))
+            && (self.channel_prefetch == 0
+                || self.unacked.len() < usize::from(self.channel_prefetch))
     }
 
     /// The next delivery tag.

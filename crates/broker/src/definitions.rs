@@ -7,10 +7,10 @@ use std::collections::VecDeque;
 use holdfast_codec::FieldTable;
 use serde::{Deserialize, Serialize};
 
+use crate::QueueId;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::queue::Queue;
 use crate::state::{State, VHost};
-use crate::QueueId;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Definitions {

@@ -184,7 +184,12 @@ impl Exchange {
 
     /// Adds to `out` the destinations a message with this key and these headers reaches
     /// through this exchange alone (exchange destinations are followed by the caller).
-    pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, out: &mut HashSet<Destination>) {
+    pub fn route(
+        &self,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut HashSet<Destination>,
+    ) {
         match (&self.kind, &self.index) {
             (ExchangeKind::Fanout, _) => {
                 out.extend(self.bindings.iter().map(|b| b.destination.clone()));

@@ -115,7 +115,10 @@ mod tests {
         let presence = table(&[("format", AMQPValue::Void)]);
         assert!(headers_match(&presence, Some(&message)));
         let widths = table(&[("n", AMQPValue::LongInt(5))]);
-        assert!(headers_match(&widths, Some(&table(&[("n", AMQPValue::ShortShortUInt(5))]))));
+        assert!(headers_match(
+            &widths,
+            Some(&table(&[("n", AMQPValue::ShortShortUInt(5))]))
+        ));
         assert!(headers_match(&FieldTable::default(), None));
     }
 }

@@ -24,8 +24,10 @@ mod topic;
 
 use serde::{Deserialize, Serialize};
 
-pub use broker::{Broker, BrokerConfig, ConsumeRequest, GetOk, PublishOutcome, PublishRequest,
-    QueueDeclare, QueueDeclareOk};
+pub use broker::{
+    Broker, BrokerConfig, ConsumeRequest, GetOk, PublishOutcome, PublishRequest, QueueDeclare,
+    QueueDeclareOk,
+};
 pub use error::{AmqpException, AmqpResult, BrokerError, ReplyCode, Scope};
 pub use exchange::ExchangeKind;
 pub use outbound::Outbound;

@@ -94,14 +94,22 @@ mod tests {
         let mut replay = Replay::default();
         let q1 = QueueId(1);
         let q2 = QueueId(2);
-        replay.visit(LogPosition(8), &encode_publish(true, "", "a", &[q1, q2], &[0, 0], b"x"));
-        replay.visit(LogPosition(50), &encode_publish(false, "", "a", &[], &[0, 0], b"y"));
-        replay.visit(LogPosition(90), &encode_publish(true, "", "a", &[q1], &[0, 0], b"z"));
+        replay.visit(
+            LogPosition(8),
+            &encode_publish(true, "", "a", &[q1, q2], &[0, 0], b"x"),
+        );
+        replay.visit(
+            LogPosition(50),
+            &encode_publish(false, "", "a", &[], &[0, 0], b"y"),
+        );
+        replay.visit(
+            LogPosition(90),
+            &encode_publish(true, "", "a", &[q1], &[0, 0], b"z"),
+        );
         replay.visit(LogPosition(130), &encode_ack(&[(q1, 8)]));
         let queues = replay.into_queues();
-        let positions = |q| -> Vec<u64> {
-            queues[&q].iter().map(|e| e.message.position.0).collect()
-        };
+        let positions =
+            |q| -> Vec<u64> { queues[&q].iter().map(|e| e.message.position.0).collect() };
         assert_eq!(positions(q1), vec![90]);
         assert_eq!(positions(q2), vec![8]);
     }

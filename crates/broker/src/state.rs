@@ -38,7 +38,14 @@ impl VHost {
         ] {
             vhost.exchanges.insert(
                 name.to_owned(),
-                Exchange::new(name.to_owned(), kind, true, false, false, FieldTable::default()),
+                Exchange::new(
+                    name.to_owned(),
+                    kind,
+                    true,
+                    false,
+                    false,
+                    FieldTable::default(),
+                ),
             );
         }
         vhost
@@ -124,14 +131,16 @@ impl State {
             return;
         }
         while !queue.ready.is_empty() {
-            let chosen = (0..count).map(|i| (queue.cursor + i) % count).find(|&index| {
-                let consumer = &queue.consumers[index];
-                consumer.has_credit()
-                    && self
-                        .channels
-                        .get(&consumer.channel)
-                        .is_some_and(ChannelState::can_deliver)
-            });
+            let chosen = (0..count)
+                .map(|i| (queue.cursor + i) % count)
+                .find(|&index| {
+                    let consumer = &queue.consumers[index];
+                    consumer.has_credit()
+                        && self
+                            .channels
+                            .get(&consumer.channel)
+                            .is_some_and(ChannelState::can_deliver)
+                });
             let Some(index) = chosen else {
                 break;
             };

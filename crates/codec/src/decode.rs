@@ -181,7 +181,10 @@ mod tests {
         let mut buffer = BytesMut::new();
         encode_method(&mut buffer, 3, &publish());
         let decoder = FrameDecoder::new(4096);
-        let frame = decoder.decode(&mut buffer).expect("valid").expect("complete");
+        let frame = decoder
+            .decode(&mut buffer)
+            .expect("valid")
+            .expect("complete");
         assert_eq!(
             frame,
             Frame::Method {

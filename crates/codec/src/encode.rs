@@ -27,7 +27,12 @@ pub fn encode_method(buffer: &mut BytesMut, channel: u16, method: &AMQPClass) {
 }
 
 /// Appends a basic content header whose properties are already encoded.
-pub fn encode_content_header(buffer: &mut BytesMut, channel: u16, body_size: u64, properties: &[u8]) {
+pub fn encode_content_header(
+    buffer: &mut BytesMut,
+    channel: u16,
+    body_size: u64,
+    properties: &[u8],
+) {
     put_frame_header(buffer, frame_type::HEADER, channel, 12 + properties.len());
     buffer.put_u16(BASIC_CLASS_ID);
     buffer.put_u16(0);

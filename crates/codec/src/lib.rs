@@ -21,7 +21,7 @@ mod encode;
 mod error;
 
 pub use amq_protocol::protocol::{
-    AMQPClass, basic, channel, confirm, connection, constants, exchange, queue, tx,
+    AMQPClass, access, basic, channel, confirm, connection, constants, exchange, queue, tx,
 };
 pub use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 pub use assembler::{AssemblyError, Command, CommandAssembler, Content};

@@ -1,0 +1,212 @@
+//! The server's configuration: one tree, read from flags > `HOLDFAST_*` environment
+//! variables > TOML file > defaults. Each option is defined once: clap reads the flag
+//! and its environment variable, the file fills what neither set.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use holdfast_amqp::{ServerConfig, User};
+use holdfast_store::FsyncPolicy;
+use serde::Deserialize;
+
+/// `holdfast server` flags; every one also reads `HOLDFAST_<NAME>`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    /// TOML configuration file (see holdfast.example.toml).
+    #[arg(long, env = "HOLDFAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./holdfast-data].
+    #[arg(long, env = "HOLDFAST_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// AMQP listen address [default: 127.0.0.1:5672].
+    #[arg(long, env = "HOLDFAST_AMQP_LISTEN")]
+    pub amqp_listen: Option<SocketAddr>,
+    /// always | interval:MS | never [default: always].
+    #[arg(long, env = "HOLDFAST_FSYNC")]
+    pub fsync: Option<FsyncPolicy>,
+    /// Commit-log segment size in bytes [default: 67108864].
+    #[arg(long, env = "HOLDFAST_SEGMENT_SIZE")]
+    pub segment_size: Option<u64>,
+    /// Largest accepted message body in bytes [default: 134217728].
+    #[arg(long, env = "HOLDFAST_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<u64>,
+    /// Largest frame in bytes [default: 131072].
+    #[arg(long, env = "HOLDFAST_FRAME_MAX")]
+    pub frame_max: Option<u32>,
+    /// Highest channel number per connection [default: 2047].
+    #[arg(long, env = "HOLDFAST_CHANNEL_MAX")]
+    pub channel_max: Option<u16>,
+    /// Heartbeat offered to clients, in seconds; 0 disables [default: 60].
+    #[arg(long, env = "HOLDFAST_HEARTBEAT")]
+    pub heartbeat: Option<u16>,
+}
+
+/// The configuration file's layout; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    amqp_listen: Option<SocketAddr>,
+    fsync: Option<String>,
+    segment_size: Option<u64>,
+    max_message_size: Option<u64>,
+    frame_max: Option<u32>,
+    channel_max: Option<u16>,
+    heartbeat: Option<u16>,
+    users: Option<Vec<User>>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub amqp_listen: SocketAddr,
+    pub fsync: FsyncPolicy,
+    pub segment_size: u64,
+    pub server: ServerConfig,
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid fsync policy in config file: {0}")]
+    Fsync(String),
+    #[error("segment_size must be at least 4096 bytes, got {0}")]
+    SegmentTooSmall(u64),
+    #[error("frame_max must be at least 4096 bytes, got {0}")]
+    FrameMaxTooSmall(u32),
+    #[error("channel_max must be at least 1")]
+    NoChannels,
+    #[error("no users configured: nobody could log in")]
+    NoUsers,
+}
+
+impl Config {
+    /// Resolves flags, environment and file into one configuration and checks it.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for an unreadable file or a value that cannot work.
+    pub fn load(args: ServerArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let file_fsync = file
+            .fsync
+            .map(|text| {
+                text.parse::<FsyncPolicy>()
+                    .map_err(|err| ConfigError::Fsync(err.to_string()))
+            })
+            .transpose()?;
+        let defaults = ServerConfig::default();
+        let config = Config {
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("holdfast-data")),
+            amqp_listen: args
+                .amqp_listen
+                .or(file.amqp_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5672))),
+            fsync: args.fsync.or(file_fsync).unwrap_or(FsyncPolicy::Always),
+            segment_size: args
+                .segment_size
+                .or(file.segment_size)
+                .unwrap_or(holdfast_store::DEFAULT_SEGMENT_SIZE),
+            server: ServerConfig {
+                frame_max: args
+                    .frame_max
+                    .or(file.frame_max)
+                    .unwrap_or(defaults.frame_max),
+                channel_max: args
+                    .channel_max
+                    .or(file.channel_max)
+                    .unwrap_or(defaults.channel_max),
+                heartbeat: args
+                    .heartbeat
+                    .or(file.heartbeat)
+                    .unwrap_or(defaults.heartbeat),
+                max_message_size: args
+                    .max_message_size
+                    .or(file.max_message_size)
+                    .unwrap_or(defaults.max_message_size),
+                users: file.users.unwrap_or(defaults.users),
+            },
+        };
+        config.validate()
+    }
+
+    fn validate(self) -> Result<Config, ConfigError> {
+        if self.segment_size < 4096 {
+            return Err(ConfigError::SegmentTooSmall(self.segment_size));
+        }
+        if self.server.frame_max < 4096 {
+            return Err(ConfigError::FrameMaxTooSmall(self.server.frame_max));
+        }
+        if self.server.channel_max == 0 {
+            return Err(ConfigError::NoChannels);
+        }
+        if self.server.users.is_empty() {
+            return Err(ConfigError::NoUsers);
+        }
+        Ok(self)
+    }
+}
+
+/// How long graceful shutdown waits for connections to close.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("holdfast-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("holdfast.toml");
+        std::fs::write(
+            &path,
+            "fsync = \"never\"\nheartbeat = 5\nsegment_size = 8192\n",
+        )
+        .expect("write");
+        let config = Config::load(ServerArgs {
+            config: Some(path.clone()),
+            heartbeat: Some(7),
+            ..ServerArgs::default()
+        })
+        .expect("valid");
+        assert_eq!(config.fsync, FsyncPolicy::Never);
+        assert_eq!(config.server.heartbeat, 7);
+        assert_eq!(config.segment_size, 8192);
+        assert_eq!(config.amqp_listen, SocketAddr::from(([127, 0, 0, 1], 5672)));
+        std::fs::write(&path, "fsync_mode = \"never\"\n").expect("write");
+        assert!(matches!(
+            Config::load(ServerArgs {
+                config: Some(path),
+                ..ServerArgs::default()
+            }),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

@@ -1,0 +1,16 @@
+//! Integration tests: the real `holdfast` binary, driven by lapin (a third-party client)
+//! and by raw bytes over TCP.
+
+mod basics;
+
+use std::path::Path;
+
+use holdfast_testkit::Server;
+
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_holdfast"))
+}
+
+pub fn start() -> Server {
+    Server::start(binary(), &[])
+}
