@@ -1,7 +1,15 @@
 //! Integration tests: the real `holdfast` binary, driven by lapin (a third-party client)
 //! and by raw bytes over TCP.
 
-mod basics;
+mod bad_input;
+mod confirms_tx;
+mod consumers;
+mod durability;
+mod java_seeds;
+mod queues;
+mod raw;
+mod routing;
+mod support;
 
 use std::path::Path;
 
