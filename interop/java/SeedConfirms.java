@@ -74,14 +74,14 @@ public class SeedConfirms {
             boolean allConfirmed = channel.waitForConfirms();
             check(allConfirmed, "waitForConfirms() returned true");
 
-            String first = seen.poll(5, TimeUnit.SECONDS);
+            String first = seen.poll(10, TimeUnit.SECONDS);
             check(first != null && first.startsWith("ack 1 "),
                     "the ConfirmListener saw an ack for delivery tag 1 (saw " + first + ")");
 
             // A second message, confirmed with the timeout variant.
             channel.basicPublish("", queueName, properties, "second".getBytes());
-            check(channel.waitForConfirms(5_000), "waitForConfirms(5000) returned true for a second publish");
-            String second = seen.poll(5, TimeUnit.SECONDS);
+            check(channel.waitForConfirms(10_000), "waitForConfirms(10000) returned true for a second publish");
+            String second = seen.poll(10, TimeUnit.SECONDS);
             check(second != null && second.startsWith("ack 2 "),
                     "the ConfirmListener saw an ack for delivery tag 2 (saw " + second + ")");
             check(!seen.toString().contains("nack"), "no nack was seen");

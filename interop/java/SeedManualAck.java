@@ -59,7 +59,7 @@ public class SeedManualAck {
             boolean autoAck = false;
             String tag = channel.basicConsume(QUEUE_NAME, autoAck, deliverCallback, consumerTag -> {});
 
-            Delivery d = processed.poll(5, TimeUnit.SECONDS);
+            Delivery d = processed.poll(10, TimeUnit.SECONDS);
             check(d != null, "the consumer received the message");
             check("work item 1".equals(new String(d.getBody(), StandardCharsets.UTF_8)), "with the published body");
             check(!d.getEnvelope().isRedeliver(), "on first delivery isRedeliver() is false");
@@ -75,7 +75,7 @@ public class SeedManualAck {
             Channel crashing = connection.createChannel();
             crashing.basicConsume(QUEUE_NAME, false, (consumerTag, delivery) -> received.add(delivery),
                     consumerTag -> {});
-            d = received.poll(5, TimeUnit.SECONDS);
+            d = received.poll(10, TimeUnit.SECONDS);
             check(d != null && !d.getEnvelope().isRedeliver(), "a second consumer received a message and did not ack it");
             check(channel.queueDeclarePassive(QUEUE_NAME).getMessageCount() == 0,
                     "while unacked, the message is not ready in the queue");

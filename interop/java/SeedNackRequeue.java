@@ -63,10 +63,10 @@ public class SeedNackRequeue {
             boolean autoAck = false;
             String tag = channel.basicConsume(QUEUE_NAME, autoAck, deliverCallback, consumerTag -> {});
 
-            String first = log.poll(5, TimeUnit.SECONDS);
+            String first = log.poll(10, TimeUnit.SECONDS);
             check("nacked flaky job redeliver=false".equals(first),
                     "first delivery (isRedeliver()==false) was nacked with requeue (" + first + ")");
-            String second = log.poll(5, TimeUnit.SECONDS);
+            String second = log.poll(10, TimeUnit.SECONDS);
             check("acked flaky job redeliver=true".equals(second),
                     "the message was redelivered with isRedeliver()==true and acked (" + second + ")");
             check(log.poll(500, TimeUnit.MILLISECONDS) == null, "there is no third delivery");

@@ -50,10 +50,10 @@ public class SeedReject {
             };
             String tag = channel.basicConsume(QUEUE_NAME, false, deliverCallback, consumerTag -> {});
 
-            String first = log.poll(5, TimeUnit.SECONDS);
+            String first = log.poll(10, TimeUnit.SECONDS);
             check("poison redeliver=false rejected requeue=true".equals(first),
                     "first delivery was rejected with requeue=true (" + first + ")");
-            String second = log.poll(5, TimeUnit.SECONDS);
+            String second = log.poll(10, TimeUnit.SECONDS);
             check("poison redeliver=true rejected requeue=false".equals(second),
                     "reject with requeue=true redelivered it with isRedeliver()==true; rejected again with requeue=false ("
                             + second + ")");

@@ -17,12 +17,15 @@ export DEBIAN_FRONTEND=noninteractive
 apt_updated=0
 apt_install() {
     if [ "$apt_updated" = 0 ]; then
-        apt-get update -qq
+        apt-get -o DPkg::Lock::Timeout=300 update -qq
         apt_updated=1
     fi
-    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# Several runs may start at once (the tests run in parallel): install under one lock.
+exec 9>"${TMPDIR:-/tmp}/holdfast-java-seeds.lock"
+flock 9
 if ! command -v javac >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
     echo "run.sh: installing a JDK" >&2
     apt_install openjdk-17-jdk-headless
@@ -31,6 +34,8 @@ if ! dpkg -s librabbitmq-client-java >/dev/null 2>&1; then
     echo "run.sh: installing librabbitmq-client-java" >&2
     apt_install librabbitmq-client-java
 fi
+flock -u 9
+exec 9>&-
 
 # The classpath: the jars the client package installed in /usr/share/java, plus the
 # slf4j API it depends on (and the no-op binding when present, to keep stderr quiet).
