@@ -146,10 +146,11 @@ impl Handshake {
 fn decode_exception(err: &DecodeError) -> AmqpException {
     let code = match err {
         DecodeError::UnknownMethod { .. } => ReplyCode::NotImplemented,
-        DecodeError::MalformedMethod { .. } | DecodeError::MalformedHeader => {
-            ReplyCode::SyntaxError
-        }
-        DecodeError::FrameTooLarge { .. }
+        // Arguments that do not parse are a frame the server "could not decode" (501 in
+        // the specification; RabbitMQ's rabbit_misc:frame_error "cannot decode"), not 502.
+        DecodeError::MalformedMethod { .. }
+        | DecodeError::MalformedHeader
+        | DecodeError::FrameTooLarge { .. }
         | DecodeError::BadFrameEnd { .. }
         | DecodeError::UnknownFrameType { .. } => ReplyCode::FrameError,
     };
@@ -273,13 +274,16 @@ async fn handshake(
         tune_ok.frame_max
     };
     if frame_max < FRAME_MIN_SIZE || frame_max > config.frame_max {
-        return Err(HandshakeError::Exception(AmqpException::connection(
-            ReplyCode::NotAllowed,
-            format!(
-                "negotiated frame_max = {frame_max} is outside {FRAME_MIN_SIZE}..={}",
-                config.frame_max
-            ),
-        )));
+        return Err(HandshakeError::Exception(
+            AmqpException::connection(
+                ReplyCode::NotAllowed,
+                format!(
+                    "negotiated frame_max = {frame_max} is outside {FRAME_MIN_SIZE}..={}",
+                    config.frame_max
+                ),
+            )
+            .with_method(10, 31),
+        ));
     }
     let channel_max = match tune_ok.channel_max {
         0 => config.channel_max,

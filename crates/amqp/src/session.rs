@@ -52,6 +52,9 @@ struct ChannelSession {
     tx: Option<Transaction>,
     /// We sent `channel.close` and wait for `close-ok`; everything else is dropped.
     closing: bool,
+    /// The queue this channel declared last: AMQP lets an empty queue name in later
+    /// methods stand for it.
+    last_queue: Option<String>,
 }
 
 /// One connection's protocol state after the handshake.
@@ -183,6 +186,7 @@ impl Session {
                             confirm_seq: None,
                             tx: None,
                             closing: false,
+                            last_queue: None,
                         },
                     );
                     self.broker.channel_open(self.key(channel_id));
@@ -456,6 +460,7 @@ impl Session {
                         arguments: declare.arguments,
                     },
                 )?;
+                self.channel(channel_id)?.last_queue = Some(ok.name.clone());
                 if !declare.nowait {
                     self.send(
                         channel_id,
@@ -472,7 +477,7 @@ impl Session {
                 self.broker.queue_binding(
                     connection,
                     true,
-                    bind.queue.as_str(),
+                    &self.queue_name(channel_id, bind.queue.as_str())?,
                     bind.exchange.as_str(),
                     bind.routing_key.as_str(),
                     bind.arguments,
@@ -489,7 +494,7 @@ impl Session {
                 self.broker.queue_binding(
                     connection,
                     false,
-                    unbind.queue.as_str(),
+                    &self.queue_name(channel_id, unbind.queue.as_str())?,
                     unbind.exchange.as_str(),
                     unbind.routing_key.as_str(),
                     unbind.arguments,
@@ -501,7 +506,10 @@ impl Session {
                 Ok(())
             }
             AMQPClass::Queue(queue::AMQPMethod::Purge(purge)) => {
-                let message_count = self.broker.queue_purge(connection, purge.queue.as_str())?;
+                let message_count = self.broker.queue_purge(
+                    connection,
+                    &self.queue_name(channel_id, purge.queue.as_str())?,
+                )?;
                 if !purge.nowait {
                     self.send(
                         channel_id,
@@ -515,7 +523,7 @@ impl Session {
             AMQPClass::Queue(queue::AMQPMethod::Delete(delete)) => {
                 let message_count = self.broker.queue_delete(
                     connection,
-                    delete.queue.as_str(),
+                    &self.queue_name(channel_id, delete.queue.as_str())?,
                     delete.if_unused,
                     delete.if_empty,
                 )?;
@@ -541,7 +549,7 @@ impl Session {
                 let (tag, queue_id) = self.broker.basic_consume(
                     key,
                     ConsumeRequest {
-                        queue: consume.queue.as_str().to_owned(),
+                        queue: self.queue_name(channel_id, consume.queue.as_str())?,
                         consumer_tag: consume.consumer_tag.as_str().to_owned(),
                         no_ack: consume.no_ack,
                         exclusive: consume.exclusive,
@@ -695,6 +703,19 @@ impl Session {
             .ok_or_else(|| AmqpException::connection(ReplyCode::ChannelError, "channel not open"))
     }
 
+    /// Resolves an empty queue name to the channel's last declared queue.
+    fn queue_name(&self, channel_id: u16, name: &str) -> AmqpResult<String> {
+        if !name.is_empty() {
+            return Ok(name.to_owned());
+        }
+        self.channels
+            .get(&channel_id)
+            .and_then(|session| session.last_queue.clone())
+            .ok_or_else(|| {
+                AmqpException::channel(ReplyCode::NotFound, "no previously declared queue")
+            })
+    }
+
     fn settle(&mut self, channel_id: u16, settle: Settle) -> AmqpResult<()> {
         let session = self.channel(channel_id)?;
         if let Some(transaction) = session.tx.as_mut() {
@@ -777,7 +798,12 @@ impl Session {
 
     fn basic_get(&mut self, channel_id: u16, get: basic::Get) -> AmqpResult<()> {
         let key = self.key(channel_id);
-        let Some(ok) = self.broker.basic_get(key, get.queue.as_str(), get.no_ack)? else {
+        let Some(ok) = self.broker.basic_get(
+            key,
+            &self.queue_name(channel_id, get.queue.as_str())?,
+            get.no_ack,
+        )?
+        else {
             self.send(
                 channel_id,
                 AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),

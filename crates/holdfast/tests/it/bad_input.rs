@@ -19,7 +19,6 @@ use crate::start;
 
 // Reply codes (AMQP 0-9-1 §1.9 constants).
 const FRAME_ERROR: u16 = 501;
-const SYNTAX_ERROR: u16 = 502;
 const COMMAND_INVALID: u16 = 503;
 const CHANNEL_ERROR: u16 = 504;
 const UNEXPECTED_FRAME: u16 = 505;
@@ -277,7 +276,8 @@ async fn unknown_method_is_not_implemented() {
 }
 
 #[tokio::test]
-async fn truncated_method_arguments_are_syntax_error() {
+async fn truncated_method_arguments_are_frame_error() {
+    // RabbitMQ: rabbit_misc:frame_error "cannot decode", with the method's ids.
     let server = start();
     // basic.qos needs prefetch-size (4), prefetch-count (2) and global (1); send 1 byte.
     let close = connection_error_after(
@@ -286,7 +286,7 @@ async fn truncated_method_arguments_are_syntax_error() {
         &raw_frame(frame_type::METHOD, 1, &[0, 60, 0, 10, 0]),
     )
     .await;
-    assert_close(&close, SYNTAX_ERROR, 60, 10);
+    assert_close(&close, FRAME_ERROR, 60, 10);
     // queue.declare whose short-string length runs past the payload.
     let close = connection_error_after(
         &server,
@@ -294,11 +294,30 @@ async fn truncated_method_arguments_are_syntax_error() {
         &raw_frame(frame_type::METHOD, 1, &[0, 50, 0, 10, 0, 0, 200, b'q']),
     )
     .await;
-    assert_close(&close, SYNTAX_ERROR, 50, 10);
+    assert_close(&close, FRAME_ERROR, 50, 10);
+    // Trailing bytes after complete arguments (channel.open's reserved short string).
+    let close = connection_error_after(
+        &server,
+        None,
+        &raw_frame(frame_type::METHOD, 1, &[0, 20, 0, 10, 0, 0xFF]),
+    )
+    .await;
+    assert_close(&close, FRAME_ERROR, 20, 10);
     // A payload too short to hold class and method ids.
     let close =
         connection_error_after(&server, None, &raw_frame(frame_type::METHOD, 0, &[0, 10])).await;
-    assert_eq!(close.reply_code, SYNTAX_ERROR, "{close:?}");
+    assert_eq!(close.reply_code, FRAME_ERROR, "{close:?}");
+    assert_server_healthy(&server).await;
+}
+
+#[tokio::test]
+async fn truncated_content_header_is_frame_error() {
+    let server = start();
+    let mut frames = method_frame(1, &publish("", "q"));
+    // class id and weight, but no body size or property flags.
+    frames.extend_from_slice(&raw_frame(frame_type::HEADER, 1, &[0, 60, 0, 0]));
+    let close = connection_error_after(&server, Some(1), &frames).await;
+    assert_close(&close, FRAME_ERROR, 0, 0);
     assert_server_healthy(&server).await;
 }
 
@@ -421,6 +440,33 @@ async fn bad_password_is_access_refused() {
     client.login("nobody", "guest").await;
     let close = client.expect_connection_close().await;
     assert_close(&close, ACCESS_REFUSED, 10, 11);
+    assert_server_healthy(&server).await;
+}
+
+#[tokio::test]
+async fn garbage_during_handshake_is_frame_error() {
+    let server = start();
+    let mut client = RawClient::tcp(server.addr).await;
+    client.send_header().await;
+    match client.expect_method().await {
+        (0, AMQPClass::Connection(holdfast_codec::connection::AMQPMethod::Start(_))) => {}
+        other => panic!("expected connection.start, got {other:?}"),
+    }
+    client.send_bytes(b"\x00\x00\x00garbage garbage").await;
+    let close = client.expect_connection_close().await;
+    assert_close(&close, FRAME_ERROR, 0, 0);
+    assert_server_healthy(&server).await;
+}
+
+#[tokio::test]
+async fn frame_max_below_minimum_is_not_allowed() {
+    let server = start();
+    let mut client = RawClient::tcp(server.addr).await;
+    client.send_header().await;
+    client.login("guest", "guest").await;
+    client.tune_with(1024).await;
+    let close = client.expect_connection_close().await;
+    assert_close(&close, NOT_ALLOWED, 10, 31);
     assert_server_healthy(&server).await;
 }
 

@@ -6,6 +6,7 @@ mod confirms_tx;
 mod consumers;
 mod durability;
 mod java_seeds;
+mod protocol;
 mod queues;
 mod raw;
 mod routing;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use holdfast_codec::{
-    AMQPClass, FieldTable, Frame, FrameDecoder, LongString, PROTOCOL_HEADER, channel, connection,
-    encode_method,
+    AMQPClass, AMQPValue, FieldTable, Frame, FrameDecoder, LongString, PROTOCOL_HEADER, channel,
+    connection, encode_method,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -81,10 +81,19 @@ impl RawClient {
             other => panic!("expected connection.start, got {other:?}"),
         }
         let response = format!("\0{user}\0{password}");
+        // Like lapin and the Java client: ask for connection.close on a failed login
+        // (RabbitMQ closes silently for clients without this capability).
+        let mut capabilities = FieldTable::default();
+        capabilities.insert(
+            "authentication_failure_close".into(),
+            AMQPValue::Boolean(true),
+        );
+        let mut client_properties = FieldTable::default();
+        client_properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
         self.send_method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: FieldTable::default(),
+                client_properties,
                 mechanism: "PLAIN".into(),
                 response: LongString::from(response.into_bytes()),
                 locale: "en_US".into(),
@@ -95,6 +104,11 @@ impl RawClient {
 
     /// Waits for connection.tune and answers with tune-ok, heartbeats off.
     pub async fn tune(&mut self) {
+        self.tune_with(CLIENT_FRAME_MAX).await;
+    }
+
+    /// As [`RawClient::tune`], asking for `frame_max`.
+    pub async fn tune_with(&mut self, frame_max: u32) {
         match self.expect_method().await {
             (0, AMQPClass::Connection(connection::AMQPMethod::Tune(tune))) => {
                 assert!(tune.frame_max >= CLIENT_FRAME_MAX, "{tune:?}");
@@ -106,7 +120,7 @@ impl RawClient {
             0,
             AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
                 channel_max: CLIENT_CHANNEL_MAX,
-                frame_max: CLIENT_FRAME_MAX,
+                frame_max,
                 heartbeat: 0,
             })),
         )
