@@ -756,9 +756,8 @@ impl Session {
             transaction.publishes.push((request, publish.mandatory));
             return Ok(());
         }
-        let seq = session.confirm_seq.map(|seq| {
+        let seq = session.confirm_seq.inspect(|&seq| {
             session.confirm_seq = Some(seq + 1);
-            seq
         });
         let outcome = self.broker.basic_publish(self.connection, &request)?;
         if !outcome.routed && publish.mandatory {

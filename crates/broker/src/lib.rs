@@ -57,3 +57,6 @@ pub type OutboundSink = Box<dyn Fn(Outbound) -> bool + Send + Sync>;
 
 /// The vhost every installation has.
 pub const DEFAULT_VHOST: &str = "/";
+
+#[cfg(test)]
+mod tests;

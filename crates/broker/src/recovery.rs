@@ -55,12 +55,11 @@ impl Replay {
             }
             Some(Replayed::Ack(acks)) => {
                 for (queue, position) in acks {
-                    if let Some(entries) = self.queues.get_mut(&queue) {
-                        if let Ok(index) =
+                    if let Some(entries) = self.queues.get_mut(&queue)
+                        && let Ok(index) =
                             entries.binary_search_by_key(&position, |r| r.entry.message.position.0)
-                        {
-                            entries[index].acked = true;
-                        }
+                    {
+                        entries[index].acked = true;
                     }
                 }
             }

@@ -109,10 +109,10 @@ impl Settlements {
     /// The ack needs no fsync of its own: if it is lost in a crash the message comes
     /// back marked redelivered, which at-least-once delivery allows.
     pub fn apply(self, store: &Store) {
-        if !self.acks.is_empty() {
-            if let Err(err) = store.append(&encode_ack(&self.acks), 0) {
-                error!(cause = %err, "ack record could not be written");
-            }
+        if !self.acks.is_empty()
+            && let Err(err) = store.append(&encode_ack(&self.acks), 0)
+        {
+            error!(cause = %err, "ack record could not be written");
         }
         for position in self.releases {
             store.release(position);
@@ -215,14 +215,13 @@ impl State {
                 settlements.releases.push(unacked.entry.message.position);
                 continue;
             };
-            if let Some(tag) = &unacked.consumer_tag {
-                if let Some(consumer) = queue
+            if let Some(tag) = &unacked.consumer_tag
+                && let Some(consumer) = queue
                     .consumers
                     .iter_mut()
                     .find(|c| c.channel == channel && &c.tag == tag)
-                {
-                    consumer.unacked = consumer.unacked.saturating_sub(1);
-                }
+            {
+                consumer.unacked = consumer.unacked.saturating_sub(1);
             }
             if requeue {
                 queue.requeue(unacked.entry);
@@ -270,10 +269,10 @@ impl State {
                 });
             }
         }
-        if let Some(owner) = queue.exclusive_owner {
-            if let Some(connection) = self.connections.get_mut(&owner) {
-                connection.exclusive_queues.remove(&queue_id);
-            }
+        if let Some(owner) = queue.exclusive_owner
+            && let Some(connection) = self.connections.get_mut(&owner)
+        {
+            connection.exclusive_queues.remove(&queue_id);
         }
         if let Some(vhost) = self.vhosts.get_mut(&queue.vhost) {
             if vhost.queues.get(&queue.name) == Some(&queue_id) {

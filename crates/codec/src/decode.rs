@@ -124,7 +124,7 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, DecodeError> {
         });
     }
     match parse_class(payload) {
-        Ok((rest, method)) if rest.is_empty() => Ok(method),
+        Ok((&[], method)) => Ok(method),
         _ => Err(DecodeError::MalformedMethod {
             class_id,
             method_id,
@@ -138,7 +138,7 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, DecodeError> {
 /// [`DecodeError::MalformedHeader`] when the fields do not match the flags.
 pub fn decode_properties(raw: &[u8]) -> Result<BasicProperties, DecodeError> {
     match parse_properties(raw) {
-        Ok((rest, properties)) if rest.is_empty() => Ok(properties),
+        Ok((&[], properties)) => Ok(properties),
         _ => Err(DecodeError::MalformedHeader),
     }
 }

@@ -240,10 +240,8 @@ async fn publish_until_killed(
         }
     }
     for (id, confirm) in in_flight {
-        if let Ok(c) = confirm.await {
-            if c.is_ack() {
-                confirmed.lock().expect("lock").insert(id);
-            }
+        if confirm.await.is_ok_and(|c| c.is_ack()) {
+            confirmed.lock().expect("lock").insert(id);
         }
     }
 }

@@ -1,0 +1,342 @@
+//! The basic class: qos, consume, cancel, publish, get, acknowledgements, recover.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::{
+    Broker, ConsumeRequest, GetOk, PublishOutcome, PublishRequest, not_found_exchange,
+    not_found_queue, random_suffix,
+};
+use crate::channel::Unacked;
+use crate::error::{AmqpException, AmqpResult, ReplyCode};
+use crate::exchange::Destination;
+use crate::queue::{Consumer, MessageRef, QueueEntry};
+use crate::record::encode_publish;
+use crate::state::Settlements;
+use crate::{ChannelKey, ConnectionId, QueueId};
+
+impl Broker {
+    /// `basic.qos`. A prefetch size other than 0 is refused by the amqp layer, as
+    /// RabbitMQ does.
+    pub fn basic_qos(&self, key: ChannelKey, prefetch_count: u16, global: bool) {
+        let mut state = self.state.lock();
+        if let Some(channel) = state.channels.get_mut(&key) {
+            if global {
+                channel.channel_prefetch = prefetch_count;
+            } else {
+                channel.consumer_prefetch = prefetch_count;
+            }
+        }
+        let mut settlements = Settlements::default();
+        state.dispatch_channel(key, &mut settlements);
+        settlements.apply(&self.store);
+    }
+
+    /// `basic.consume`: registers the consumer but delivers nothing yet, so the caller
+    /// can send `consume-ok` first and then call [`Broker::dispatch`].
+    ///
+    /// # Errors
+    /// 404 / 405 for the queue, 403 for exclusivity conflicts, 530 (connection) for a
+    /// reused tag.
+    pub fn basic_consume(
+        &self,
+        key: ChannelKey,
+        request: ConsumeRequest,
+    ) -> AmqpResult<(Arc<str>, QueueId)> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, key.connection)?;
+        let queue_id = Self::queue_id(&state, key.connection, &vhost_name, &request.queue)?;
+        let tag: Arc<str> = if request.consumer_tag.is_empty() {
+            format!("amq.ctag-{}", random_suffix(22)).into()
+        } else {
+            request.consumer_tag.as_str().into()
+        };
+        let Some(channel) = state.channels.get_mut(&key) else {
+            return Err(AmqpException::connection(
+                ReplyCode::ChannelError,
+                "channel not open",
+            ));
+        };
+        if channel.consumers.contains_key(&tag) {
+            return Err(AmqpException::connection(
+                ReplyCode::NotAllowed,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        let prefetch = channel.consumer_prefetch;
+        let queue = state
+            .queues
+            .get_mut(&queue_id)
+            .ok_or_else(|| not_found_queue(&request.queue, &vhost_name))?;
+        if queue.has_exclusive_consumer() || (request.exclusive && !queue.consumers.is_empty()) {
+            return Err(AmqpException::channel(
+                ReplyCode::AccessRefused,
+                format!(
+                    "queue '{}' in vhost '{vhost_name}' in exclusive use",
+                    request.queue
+                ),
+            ));
+        }
+        queue.consumers.push(Consumer {
+            channel: key,
+            tag: tag.clone(),
+            no_ack: request.no_ack,
+            exclusive: request.exclusive,
+            prefetch,
+            unacked: 0,
+        });
+        queue.had_consumer = true;
+        if let Some(channel) = state.channels.get_mut(&key) {
+            channel.consumers.insert(tag.clone(), queue_id);
+        }
+        Ok((tag, queue_id))
+    }
+
+    /// Delivers what a queue can deliver now.
+    pub fn dispatch(&self, queue: QueueId) {
+        let mut state = self.state.lock();
+        let mut settlements = Settlements::default();
+        state.dispatch(queue, &mut settlements);
+        settlements.apply(&self.store);
+    }
+
+    /// `basic.cancel`. Unknown tags are not an error (the consumer may have been
+    /// cancelled by the server already).
+    pub fn basic_cancel(&self, key: ChannelKey, consumer_tag: &str) {
+        let mut state = self.state.lock();
+        let tag: Arc<str> = consumer_tag.into();
+        if let Some(queue) = state.remove_consumer(key, &tag) {
+            let mut settlements = Settlements::default();
+            let durable = state.queues.get(&queue).is_some_and(|q| q.durable);
+            state.delete_queue(queue, &mut settlements);
+            if durable {
+                let _ = self.persist_definitions(&state);
+            }
+            settlements.apply(&self.store);
+        }
+    }
+
+    /// `basic.publish`: routes, writes the message once, enqueues it everywhere.
+    ///
+    /// # Errors
+    /// 404 for a missing exchange, 403 for an internal one, 541 (connection) when the
+    /// store cannot take the write.
+    pub fn basic_publish(
+        &self,
+        connection: ConnectionId,
+        request: &PublishRequest,
+    ) -> AmqpResult<PublishOutcome> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, connection)?;
+        let vhost = state
+            .vhosts
+            .get(&vhost_name)
+            .ok_or_else(|| not_found_exchange(&request.exchange, &vhost_name))?;
+        let mut targets: Vec<QueueId> = Vec::new();
+        if request.exchange.is_empty() {
+            if let Some(id) = vhost.queues.get(&request.routing_key) {
+                targets.push(*id);
+            }
+        } else {
+            let exchange = vhost
+                .exchanges
+                .get(&request.exchange)
+                .ok_or_else(|| not_found_exchange(&request.exchange, &vhost_name))?;
+            if exchange.internal {
+                return Err(AmqpException::channel(
+                    ReplyCode::AccessRefused,
+                    format!(
+                        "cannot publish to internal exchange '{}' in vhost '{vhost_name}'",
+                        request.exchange
+                    ),
+                ));
+            }
+            let mut visited: HashSet<&str> = HashSet::new();
+            let mut pending = vec![exchange];
+            let mut destinations = HashSet::new();
+            let mut seen_queues = HashSet::new();
+            while let Some(exchange) = pending.pop() {
+                if !visited.insert(exchange.name.as_str()) {
+                    continue;
+                }
+                destinations.clear();
+                exchange.route(
+                    &request.routing_key,
+                    request.headers.as_ref(),
+                    &mut destinations,
+                );
+                for destination in &destinations {
+                    match destination {
+                        Destination::Queue(id) => {
+                            if seen_queues.insert(*id) {
+                                targets.push(*id);
+                            }
+                        }
+                        Destination::Exchange(name) => {
+                            if let Some(next) = vhost.exchanges.get(name) {
+                                pending.push(next);
+                            }
+                        }
+                    }
+                }
+            }
+            targets.sort_unstable();
+        }
+        targets.retain(|id| state.queues.contains_key(id));
+        if targets.is_empty() {
+            return Ok(PublishOutcome {
+                routed: false,
+                durable_end: None,
+            });
+        }
+        let durable_queues: Vec<QueueId> = if request.persistent {
+            targets
+                .iter()
+                .copied()
+                .filter(|id| state.queues.get(id).is_some_and(|q| q.durable))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let record = encode_publish(
+            request.persistent,
+            &request.exchange,
+            &request.routing_key,
+            &durable_queues,
+            &request.properties,
+            &request.body,
+        );
+        let refs = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let appended = self.store.append(&record, refs).map_err(|err| {
+            AmqpException::connection(
+                ReplyCode::InternalError,
+                format!("message store failed: {err}"),
+            )
+        })?;
+        let body_size = u32::try_from(request.body.len()).unwrap_or(u32::MAX);
+        let mut settlements = Settlements::default();
+        for id in &targets {
+            let recoverable = durable_queues.contains(id);
+            if let Some(queue) = state.queues.get_mut(id) {
+                queue.push(QueueEntry {
+                    message: MessageRef {
+                        position: appended.position,
+                        len: appended.len,
+                    },
+                    body_size,
+                    redelivered: false,
+                    recoverable,
+                });
+            }
+            state.dispatch(*id, &mut settlements);
+        }
+        settlements.apply(&self.store);
+        Ok(PublishOutcome {
+            routed: true,
+            durable_end: (!durable_queues.is_empty()).then_some(appended.end),
+        })
+    }
+
+    /// `basic.get`.
+    ///
+    /// # Errors
+    /// 404 / 405 for the queue.
+    pub fn basic_get(
+        &self,
+        key: ChannelKey,
+        queue: &str,
+        no_ack: bool,
+    ) -> AmqpResult<Option<GetOk>> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, key.connection)?;
+        let queue_id = Self::queue_id(&state, key.connection, &vhost_name, queue)?;
+        let Some(queue) = state.queues.get_mut(&queue_id) else {
+            return Err(not_found_queue(queue, &vhost_name));
+        };
+        let Some(entry) = queue.pop() else {
+            return Ok(None);
+        };
+        let message_count = queue.message_count();
+        let Some(channel) = state.channels.get_mut(&key) else {
+            return Err(AmqpException::connection(
+                ReplyCode::ChannelError,
+                "channel not open",
+            ));
+        };
+        let delivery_tag = channel.next_delivery_tag();
+        if no_ack {
+            let mut settlements = Settlements::default();
+            settlements.settle_keep_reference(queue_id, &entry);
+            settlements.apply(&self.store);
+        } else {
+            channel.unacked.insert(
+                delivery_tag,
+                Unacked {
+                    queue: queue_id,
+                    entry,
+                    consumer_tag: None,
+                },
+            );
+        }
+        Ok(Some(GetOk {
+            delivery_tag,
+            redelivered: entry.redelivered,
+            message_count,
+            message: entry.message,
+            release_after_read: no_ack,
+        }))
+    }
+
+    /// `basic.ack`, `basic.nack` and `basic.reject`: settles (`requeue = false` or an
+    /// ack) or requeues the deliveries the tag covers.
+    ///
+    /// # Errors
+    /// 406 PRECONDITION_FAILED for an unknown delivery tag.
+    pub fn basic_settle(
+        &self,
+        key: ChannelKey,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> AmqpResult<()> {
+        let mut state = self.state.lock();
+        let Some(channel) = state.channels.get_mut(&key) else {
+            return Err(AmqpException::connection(
+                ReplyCode::ChannelError,
+                "channel not open",
+            ));
+        };
+        let deliveries = channel
+            .take_settled(delivery_tag, multiple)
+            .ok_or_else(|| {
+                AmqpException::channel(
+                    ReplyCode::PreconditionFailed,
+                    format!("unknown delivery tag {delivery_tag}"),
+                )
+            })?;
+        let mut settlements = Settlements::default();
+        let touched = state.finish_deliveries(key, deliveries, requeue, &mut settlements);
+        for queue in touched {
+            state.dispatch(queue, &mut settlements);
+        }
+        state.dispatch_channel(key, &mut settlements);
+        settlements.apply(&self.store);
+        Ok(())
+    }
+
+    /// `basic.recover` with requeue: every unacked delivery of the channel goes back.
+    pub fn basic_recover(&self, key: ChannelKey) {
+        let mut state = self.state.lock();
+        let deliveries: Vec<(u64, Unacked)> = state
+            .channels
+            .get_mut(&key)
+            .map(|c| std::mem::take(&mut c.unacked).into_iter().collect())
+            .unwrap_or_default();
+        let mut settlements = Settlements::default();
+        let touched = state.finish_deliveries(key, deliveries, true, &mut settlements);
+        for queue in touched {
+            state.dispatch(queue, &mut settlements);
+        }
+        settlements.apply(&self.store);
+    }
+}

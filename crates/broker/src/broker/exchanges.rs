@@ -1,0 +1,203 @@
+//! Exchange declaration, deletion and exchange-to-exchange bindings.
+
+use holdfast_codec::FieldTable;
+
+use super::{Broker, default_exchange_refused, inequivalent, not_found_exchange};
+use crate::ConnectionId;
+use crate::definitions::is_builtin_exchange;
+use crate::error::{AmqpException, AmqpResult, ReplyCode};
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+
+impl Broker {
+    /// `exchange.declare`.
+    ///
+    /// # Errors
+    /// 403 for reserved names, 404 for a passive miss, 406 for an inequivalent
+    /// re-declaration, 503 (connection) for an unknown type.
+    #[allow(clippy::too_many_arguments)]
+    pub fn exchange_declare(
+        &self,
+        connection: ConnectionId,
+        name: &str,
+        kind: &str,
+        passive: bool,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, connection)?;
+        let vhost = state
+            .vhosts
+            .get_mut(&vhost_name)
+            .ok_or_else(|| not_found_exchange(name, &vhost_name))?;
+        if name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if let Some(existing) = vhost.exchanges.get(name) {
+            if passive {
+                return Ok(());
+            }
+            if existing.kind.name() != kind {
+                return Err(inequivalent(
+                    "type",
+                    "exchange",
+                    name,
+                    &vhost_name,
+                    kind,
+                    existing.kind.name(),
+                ));
+            }
+            for (arg, received, current) in [
+                ("durable", durable, existing.durable),
+                ("auto_delete", auto_delete, existing.auto_delete),
+                ("internal", internal, existing.internal),
+            ] {
+                if received != current {
+                    return Err(inequivalent(
+                        arg,
+                        "exchange",
+                        name,
+                        &vhost_name,
+                        &received.to_string(),
+                        &current.to_string(),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        if passive {
+            return Err(not_found_exchange(name, &vhost_name));
+        }
+        if name.starts_with("amq.") {
+            return Err(AmqpException::channel(
+                ReplyCode::AccessRefused,
+                format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
+            ));
+        }
+        let kind = ExchangeKind::parse(kind).ok_or_else(|| {
+            AmqpException::connection(
+                ReplyCode::CommandInvalid,
+                format!("unknown exchange type '{kind}'"),
+            )
+        })?;
+        vhost.exchanges.insert(
+            name.to_owned(),
+            Exchange::new(
+                name.to_owned(),
+                kind,
+                durable,
+                auto_delete,
+                internal,
+                arguments,
+            ),
+        );
+        if durable {
+            self.persist_definitions(&state)?;
+        }
+        Ok(())
+    }
+
+    /// `exchange.delete`. Deleting an exchange that does not exist succeeds, as in
+    /// RabbitMQ 3.x and later.
+    ///
+    /// # Errors
+    /// 403 for the default and `amq.*` exchanges, 406 when `if_unused` and it has
+    /// bindings.
+    pub fn exchange_delete(
+        &self,
+        connection: ConnectionId,
+        name: &str,
+        if_unused: bool,
+    ) -> AmqpResult<()> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, connection)?;
+        if is_builtin_exchange(name) {
+            return Err(if name.is_empty() {
+                default_exchange_refused()
+            } else {
+                AmqpException::channel(
+                    ReplyCode::AccessRefused,
+                    format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
+                )
+            });
+        }
+        let Some(vhost) = state.vhosts.get_mut(&vhost_name) else {
+            return Ok(());
+        };
+        let Some(exchange) = vhost.exchanges.get(name) else {
+            return Ok(());
+        };
+        if if_unused && !exchange.bindings().is_empty() {
+            return Err(AmqpException::channel(
+                ReplyCode::PreconditionFailed,
+                format!("exchange '{name}' in vhost '{vhost_name}' in use"),
+            ));
+        }
+        let durable = exchange.durable;
+        vhost.exchanges.remove(name);
+        let destination = Destination::Exchange(name.to_owned());
+        for other in vhost.exchanges.values_mut() {
+            other.unbind_destination(&destination);
+        }
+        if durable {
+            self.persist_definitions(&state)?;
+        }
+        Ok(())
+    }
+
+    /// `exchange.bind` / `exchange.unbind` (`bind = false`).
+    ///
+    /// # Errors
+    /// 404 when either exchange is missing, 403 for the default exchange.
+    pub fn exchange_binding(
+        &self,
+        connection: ConnectionId,
+        bind: bool,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, connection)?;
+        if source.is_empty() || destination.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        let vhost = state
+            .vhosts
+            .get_mut(&vhost_name)
+            .ok_or_else(|| not_found_exchange(source, &vhost_name))?;
+        let destination_durable = match vhost.exchanges.get(destination) {
+            Some(exchange) => exchange.durable,
+            None if bind => return Err(not_found_exchange(destination, &vhost_name)),
+            None => false,
+        };
+        let binding = Binding {
+            destination: Destination::Exchange(destination.to_owned()),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        };
+        let Some(exchange) = vhost.exchanges.get_mut(source) else {
+            return if bind {
+                Err(not_found_exchange(source, &vhost_name))
+            } else {
+                Ok(())
+            };
+        };
+        let changed = if bind {
+            exchange.bind(binding)
+        } else {
+            exchange.unbind(&binding)
+        };
+        let durable = exchange.durable && destination_durable;
+        if !bind && exchange.auto_delete && exchange.bindings().is_empty() {
+            vhost.exchanges.remove(source);
+        }
+        if changed && durable {
+            self.persist_definitions(&state)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,442 @@
+//! The broker's entry points. Each takes the state lock once, does its work, writes what
+//! the log needs, and returns an outcome; deliveries caused along the way go out as
+//! [`Outbound`](crate::Outbound) events.
+//!
+//! Split by AMQP class: [`exchanges`], [`queues`], [`basic`]; this file holds the broker
+//! itself, recovery at open, and connection/channel lifecycle.
+
+mod basic;
+mod exchanges;
+mod queues;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use holdfast_codec::{AMQPValue, FieldTable};
+use holdfast_store::{Store, StoreConfig};
+use parking_lot::Mutex;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use tracing::{info, warn};
+
+use crate::channel::ChannelState;
+use crate::definitions::Definitions;
+use crate::error::{AmqpException, AmqpResult, BrokerError, ReplyCode};
+use crate::queue::MessageRef;
+use crate::record::{StoredMessage, decode_message};
+use crate::recovery::Replay;
+use crate::state::{ConnectionState, Settlements, State, VHost};
+use crate::{ChannelKey, ConnectionId, DEFAULT_VHOST, OutboundSink, QueueId};
+
+/// How to open the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// The store's configuration.
+    pub store: StoreConfig,
+}
+
+/// `queue.declare` arguments.
+#[derive(Debug, Clone, Default)]
+pub struct QueueDeclare {
+    /// Name; empty asks for a server-generated one.
+    pub name: String,
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Survives restarts.
+    pub durable: bool,
+    /// Owned by the declaring connection.
+    pub exclusive: bool,
+    /// Deleted with its last consumer.
+    pub auto_delete: bool,
+    /// Arguments, kept as given.
+    pub arguments: FieldTable,
+}
+
+/// `queue.declare-ok` contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDeclareOk {
+    /// The queue's name (generated if none was given).
+    pub name: String,
+    /// Ready messages.
+    pub message_count: u32,
+    /// Consumers.
+    pub consumer_count: u32,
+}
+
+/// `basic.consume` arguments.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumeRequest {
+    /// The queue.
+    pub queue: String,
+    /// Tag; empty asks for a server-generated one.
+    pub consumer_tag: String,
+    /// Settle on delivery.
+    pub no_ack: bool,
+    /// Sole consumer of the queue.
+    pub exclusive: bool,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    /// Target exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// delivery-mode 2.
+    pub persistent: bool,
+    /// Message headers, for headers exchanges.
+    pub headers: Option<FieldTable>,
+    /// Raw basic properties.
+    pub properties: Bytes,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// What became of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// Whether at least one queue took it.
+    pub routed: bool,
+    /// Log offset that must be durable before a confirm may be sent; `None` when no
+    /// queue must recover the message (transient or unroutable).
+    pub durable_end: Option<u64>,
+}
+
+/// A message taken by `basic.get`.
+#[derive(Debug, Clone)]
+pub struct GetOk {
+    /// Delivery tag on the channel.
+    pub delivery_tag: u64,
+    /// Whether it may have been delivered before.
+    pub redelivered: bool,
+    /// Ready messages left in the queue.
+    pub message_count: u32,
+    /// The stored message.
+    pub message: MessageRef,
+    /// Settled already (no-ack): release the reference after reading.
+    pub release_after_read: bool,
+}
+
+/// The broker core.
+pub struct Broker {
+    state: Mutex<State>,
+    store: Store,
+}
+
+fn not_found_queue(name: &str, vhost: &str) -> AmqpException {
+    AmqpException::channel(
+        ReplyCode::NotFound,
+        format!("no queue '{name}' in vhost '{vhost}'"),
+    )
+}
+
+fn not_found_exchange(name: &str, vhost: &str) -> AmqpException {
+    AmqpException::channel(
+        ReplyCode::NotFound,
+        format!("no exchange '{name}' in vhost '{vhost}'"),
+    )
+}
+
+fn default_exchange_refused() -> AmqpException {
+    AmqpException::channel(
+        ReplyCode::AccessRefused,
+        "operation not permitted on the default exchange",
+    )
+}
+
+fn locked(name: &str, vhost: &str) -> AmqpException {
+    AmqpException::channel(
+        ReplyCode::ResourceLocked,
+        format!(
+            "cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It could \
+             be originally declared on another connection or the exclusive property value does \
+             not match that of the original declaration."
+        ),
+    )
+}
+
+fn inequivalent(
+    arg: &str,
+    kind: &str,
+    name: &str,
+    vhost: &str,
+    received: &str,
+    current: &str,
+) -> AmqpException {
+    AmqpException::channel(
+        ReplyCode::PreconditionFailed,
+        format!(
+            "inequivalent arg '{arg}' for {kind} '{name}' in vhost '{vhost}': received '{received}' but current is '{current}'"
+        ),
+    )
+}
+
+fn random_suffix(len: usize) -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// The `x-` arguments of a table: RabbitMQ compares only those on re-declaration.
+fn x_arguments(table: &FieldTable) -> Vec<(&str, &AMQPValue)> {
+    table
+        .inner()
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("x-"))
+        .map(|(k, v)| (k.as_str(), v))
+        .collect()
+}
+
+impl Broker {
+    /// Opens the store, replays the log and restores durable definitions and messages.
+    ///
+    /// # Errors
+    /// When the store cannot be opened or the definitions cannot be read.
+    pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
+        let mut replay = Replay::default();
+        let store = Store::open(config.store, |position, payload| {
+            replay.visit(position, payload)
+        })?;
+        if replay.unknown_records > 0 {
+            warn!(
+                records = replay.unknown_records,
+                "log records of an unknown kind skipped"
+            );
+        }
+        let mut state = State::default();
+        state
+            .vhosts
+            .insert(DEFAULT_VHOST.to_owned(), VHost::with_builtin_exchanges());
+        if let Some(bytes) = store.read_definitions()? {
+            let definitions: Definitions =
+                serde_json::from_slice(&bytes).map_err(BrokerError::Definitions)?;
+            definitions.restore(&mut state);
+        }
+        let mut recovered_messages = 0u64;
+        for (queue_id, entries) in replay.into_queues() {
+            let Some(queue) = state.queues.get_mut(&queue_id) else {
+                continue;
+            };
+            for entry in entries {
+                store.retain(entry.message.position);
+                queue.push(entry);
+                recovered_messages += 1;
+            }
+        }
+        store.collect_garbage();
+        info!(
+            queues = state.queues.len(),
+            messages = recovered_messages,
+            "broker state recovered"
+        );
+        Ok(Arc::new(Broker {
+            state: Mutex::new(state),
+            store,
+        }))
+    }
+
+    /// The store, for reading message bodies and awaiting durability.
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Reads a stored message.
+    ///
+    /// # Errors
+    /// When the store cannot read it or the record is not a message.
+    pub fn read_message(&self, message: MessageRef) -> Result<StoredMessage, BrokerError> {
+        let record = self.store.read(message.position, message.len)?;
+        decode_message(&record).ok_or(BrokerError::Corrupt {
+            position: message.position.0,
+        })
+    }
+
+    /// Drops a reference the caller held to read a settled message.
+    pub fn release(&self, message: MessageRef) {
+        self.store.release(message.position);
+    }
+
+    fn persist_definitions(&self, state: &State) -> AmqpResult<()> {
+        let definitions = Definitions::snapshot(state);
+        let bytes = serde_json::to_vec(&definitions).map_err(|err| {
+            AmqpException::connection(ReplyCode::InternalError, format!("definitions: {err}"))
+        })?;
+        self.store.write_definitions(&bytes).map_err(|err| {
+            AmqpException::connection(ReplyCode::InternalError, format!("definitions: {err}"))
+        })
+    }
+
+    /// Registers a connection that opened `vhost`.
+    ///
+    /// # Errors
+    /// 530 NOT_ALLOWED when the vhost does not exist.
+    pub fn connect(&self, vhost: &str, outbound: OutboundSink) -> AmqpResult<ConnectionId> {
+        let mut state = self.state.lock();
+        if !state.vhosts.contains_key(vhost) {
+            return Err(AmqpException::connection(
+                ReplyCode::NotAllowed,
+                format!("vhost {vhost} not found"),
+            ));
+        }
+        state.next_connection_id += 1;
+        let id = state.next_connection_id;
+        state.connections.insert(
+            id,
+            ConnectionState {
+                vhost: vhost.to_owned(),
+                outbound,
+                channels: HashSet::new(),
+                exclusive_queues: HashSet::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    /// Forgets a connection: its channels close (unacked messages return to their queues)
+    /// and its exclusive queues are deleted.
+    pub fn disconnect(&self, connection: ConnectionId) {
+        let mut state = self.state.lock();
+        let mut settlements = Settlements::default();
+        let channels: Vec<u16> = state
+            .connections
+            .get(&connection)
+            .map(|c| c.channels.iter().copied().collect())
+            .unwrap_or_default();
+        let mut touched = HashSet::new();
+        for channel in channels {
+            touched.extend(self.close_channel_locked(
+                &mut state,
+                ChannelKey {
+                    connection,
+                    channel,
+                },
+                &mut settlements,
+            ));
+        }
+        let exclusive: Vec<QueueId> = state
+            .connections
+            .get(&connection)
+            .map(|c| c.exclusive_queues.iter().copied().collect())
+            .unwrap_or_default();
+        for queue in exclusive {
+            state.delete_queue(queue, &mut settlements);
+            touched.remove(&queue);
+        }
+        state.connections.remove(&connection);
+        for queue in touched {
+            state.dispatch(queue, &mut settlements);
+        }
+        settlements.apply(&self.store);
+    }
+
+    /// Opens a channel.
+    pub fn channel_open(&self, key: ChannelKey) {
+        let mut state = self.state.lock();
+        if let Some(connection) = state.connections.get_mut(&key.connection) {
+            connection.channels.insert(key.channel);
+            state.channels.insert(key, ChannelState::default());
+        }
+    }
+
+    /// Closes a channel: cancels its consumers and requeues what it had not acked.
+    pub fn channel_close(&self, key: ChannelKey) {
+        let mut state = self.state.lock();
+        let mut settlements = Settlements::default();
+        let touched = self.close_channel_locked(&mut state, key, &mut settlements);
+        for queue in touched {
+            state.dispatch(queue, &mut settlements);
+        }
+        settlements.apply(&self.store);
+    }
+
+    fn close_channel_locked(
+        &self,
+        state: &mut State,
+        key: ChannelKey,
+        settlements: &mut Settlements,
+    ) -> HashSet<QueueId> {
+        let Some(channel) = state.channels.get(&key) else {
+            return HashSet::new();
+        };
+        let tags: Vec<Arc<str>> = channel.consumers.keys().cloned().collect();
+        let mut auto_deleted = Vec::new();
+        for tag in tags {
+            if let Some(queue) = state.remove_consumer(key, &tag) {
+                auto_deleted.push(queue);
+            }
+        }
+        let unacked = state
+            .channels
+            .remove(&key)
+            .map(|c| c.unacked.into_iter().collect())
+            .unwrap_or_default();
+        if let Some(connection) = state.connections.get_mut(&key.connection) {
+            connection.channels.remove(&key.channel);
+        }
+        let mut touched = state.finish_deliveries(key, unacked, true, settlements);
+        let mut definitions_changed = false;
+        for queue in auto_deleted {
+            definitions_changed |= state.queues.get(&queue).is_some_and(|q| q.durable);
+            state.delete_queue(queue, settlements);
+            touched.remove(&queue);
+        }
+        if definitions_changed {
+            let _ = self.persist_definitions(state);
+        }
+        touched
+    }
+
+    /// `channel.flow`: pauses or resumes deliveries to the channel.
+    pub fn channel_flow(&self, key: ChannelKey, active: bool) {
+        let mut state = self.state.lock();
+        if let Some(channel) = state.channels.get_mut(&key) {
+            channel.flow_active = active;
+        }
+        if active {
+            let mut settlements = Settlements::default();
+            state.dispatch_channel(key, &mut settlements);
+            settlements.apply(&self.store);
+        }
+    }
+
+    fn vhost_of(state: &State, connection: ConnectionId) -> AmqpResult<String> {
+        state
+            .connections
+            .get(&connection)
+            .map(|c| c.vhost.clone())
+            .ok_or_else(|| {
+                AmqpException::connection(ReplyCode::InternalError, "unknown connection")
+            })
+    }
+
+    /// Looks up a queue by name, enforcing exclusivity.
+    fn queue_id(
+        state: &State,
+        connection: ConnectionId,
+        vhost: &str,
+        name: &str,
+    ) -> AmqpResult<QueueId> {
+        let id = state
+            .vhosts
+            .get(vhost)
+            .and_then(|v| v.queues.get(name))
+            .copied()
+            .ok_or_else(|| not_found_queue(name, vhost))?;
+        let queue = state
+            .queues
+            .get(&id)
+            .ok_or_else(|| not_found_queue(name, vhost))?;
+        if queue
+            .exclusive_owner
+            .is_some_and(|owner| owner != connection)
+        {
+            return Err(locked(name, vhost));
+        }
+        Ok(id)
+    }
+}

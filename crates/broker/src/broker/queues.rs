@@ -1,0 +1,264 @@
+//! Queue declaration, bindings, purge and deletion.
+
+use std::collections::VecDeque;
+
+use holdfast_codec::FieldTable;
+
+use super::{
+    Broker, QueueDeclare, QueueDeclareOk, default_exchange_refused, inequivalent, locked,
+    not_found_exchange, not_found_queue, random_suffix, x_arguments,
+};
+use crate::error::{AmqpException, AmqpResult, ReplyCode};
+use crate::exchange::{Binding, Destination};
+use crate::queue::Queue;
+use crate::state::Settlements;
+use crate::{ConnectionId, QueueId};
+
+impl Broker {
+    /// `queue.declare`.
+    ///
+    /// # Errors
+    /// 403 for reserved names, 404 for a passive miss, 405 for another connection's
+    /// exclusive queue, 406 for an inequivalent re-declaration.
+    pub fn queue_declare(
+        &self,
+        connection: ConnectionId,
+        request: QueueDeclare,
+    ) -> AmqpResult<QueueDeclareOk> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, connection)?;
+        let name = if request.name.is_empty() && !request.passive {
+            format!("amq.gen-{}", random_suffix(22))
+        } else {
+            request.name.clone()
+        };
+        let existing = state
+            .vhosts
+            .get(&vhost_name)
+            .and_then(|v| v.queues.get(&name))
+            .copied();
+        if let Some(id) = existing {
+            let queue = state
+                .queues
+                .get(&id)
+                .ok_or_else(|| not_found_queue(&name, &vhost_name))?;
+            if queue
+                .exclusive_owner
+                .is_some_and(|owner| owner != connection)
+            {
+                return Err(locked(&name, &vhost_name));
+            }
+            if !request.passive {
+                let exclusive = queue.exclusive_owner.is_some();
+                for (arg, received, current) in [
+                    ("durable", request.durable, queue.durable),
+                    ("exclusive", request.exclusive, exclusive),
+                    ("auto_delete", request.auto_delete, queue.auto_delete),
+                ] {
+                    if received != current {
+                        return Err(inequivalent(
+                            arg,
+                            "queue",
+                            &name,
+                            &vhost_name,
+                            &received.to_string(),
+                            &current.to_string(),
+                        ));
+                    }
+                }
+                let received = x_arguments(&request.arguments);
+                let current = x_arguments(&queue.arguments);
+                if received != current {
+                    let arg = received
+                        .iter()
+                        .chain(current.iter())
+                        .find(|pair| !received.contains(pair) || !current.contains(pair))
+                        .map_or("arguments", |(k, _)| *k);
+                    return Err(inequivalent(
+                        arg,
+                        "queue",
+                        &name,
+                        &vhost_name,
+                        "a different value",
+                        "another",
+                    ));
+                }
+            }
+            return Ok(QueueDeclareOk {
+                name,
+                message_count: queue.message_count(),
+                consumer_count: queue.consumer_count(),
+            });
+        }
+        if request.passive {
+            return Err(not_found_queue(&name, &vhost_name));
+        }
+        if name.starts_with("amq.") && !request.name.is_empty() {
+            return Err(AmqpException::channel(
+                ReplyCode::AccessRefused,
+                format!("queue name '{name}' contains reserved prefix 'amq.*'"),
+            ));
+        }
+        let id = QueueId(state.next_queue_id.max(1));
+        state.next_queue_id = id.0 + 1;
+        state.queues.insert(
+            id,
+            Queue {
+                id,
+                name: name.clone(),
+                vhost: vhost_name.clone(),
+                durable: request.durable,
+                exclusive_owner: request.exclusive.then_some(connection),
+                auto_delete: request.auto_delete,
+                arguments: request.arguments,
+                ready: VecDeque::new(),
+                ready_bytes: 0,
+                consumers: Vec::new(),
+                cursor: 0,
+                had_consumer: false,
+            },
+        );
+        if let Some(vhost) = state.vhosts.get_mut(&vhost_name) {
+            vhost.queues.insert(name.clone(), id);
+        }
+        if request.exclusive
+            && let Some(owner) = state.connections.get_mut(&connection)
+        {
+            owner.exclusive_queues.insert(id);
+        }
+        if request.durable && !request.exclusive {
+            self.persist_definitions(&state)?;
+        }
+        Ok(QueueDeclareOk {
+            name,
+            message_count: 0,
+            consumer_count: 0,
+        })
+    }
+
+    /// `queue.bind` / `queue.unbind` (`bind = false`).
+    ///
+    /// # Errors
+    /// 404 for a missing queue or exchange, 403 for the default exchange, 405 for another
+    /// connection's exclusive queue.
+    pub fn queue_binding(
+        &self,
+        connection: ConnectionId,
+        bind: bool,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> AmqpResult<()> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, connection)?;
+        if exchange.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        let queue_id = Self::queue_id(&state, connection, &vhost_name, queue)?;
+        let queue_durable = state
+            .queues
+            .get(&queue_id)
+            .is_some_and(|q| q.durable && q.exclusive_owner.is_none());
+        let vhost = state
+            .vhosts
+            .get_mut(&vhost_name)
+            .ok_or_else(|| not_found_exchange(exchange, &vhost_name))?;
+        let source = vhost
+            .exchanges
+            .get_mut(exchange)
+            .ok_or_else(|| not_found_exchange(exchange, &vhost_name))?;
+        let binding = Binding {
+            destination: Destination::Queue(queue_id),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        };
+        let changed = if bind {
+            source.bind(binding)
+        } else {
+            source.unbind(&binding)
+        };
+        let durable = source.durable && queue_durable;
+        if !bind && source.auto_delete && source.bindings().is_empty() {
+            vhost.exchanges.remove(exchange);
+        }
+        if changed && durable {
+            self.persist_definitions(&state)?;
+        }
+        Ok(())
+    }
+
+    /// `queue.purge`: drops ready messages (not those awaiting ack); returns how many.
+    ///
+    /// # Errors
+    /// 404 / 405 as for any queue access.
+    pub fn queue_purge(&self, connection: ConnectionId, queue: &str) -> AmqpResult<u32> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, connection)?;
+        let queue_id = Self::queue_id(&state, connection, &vhost_name, queue)?;
+        let mut settlements = Settlements::default();
+        let mut purged = 0;
+        if let Some(queue) = state.queues.get_mut(&queue_id) {
+            while let Some(entry) = queue.pop() {
+                settlements.settle(queue_id, &entry);
+                purged += 1;
+            }
+        }
+        settlements.apply(&self.store);
+        Ok(purged)
+    }
+
+    /// `queue.delete`; returns the number of ready messages dropped. Deleting a queue
+    /// that does not exist succeeds with 0, as in RabbitMQ 3.x and later.
+    ///
+    /// # Errors
+    /// 406 when `if_unused`/`if_empty` do not hold, 405 for another connection's
+    /// exclusive queue.
+    pub fn queue_delete(
+        &self,
+        connection: ConnectionId,
+        queue: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> AmqpResult<u32> {
+        let mut state = self.state.lock();
+        let vhost_name = Self::vhost_of(&state, connection)?;
+        let queue_id = match Self::queue_id(&state, connection, &vhost_name, queue) {
+            Ok(id) => id,
+            Err(err) if err.code == ReplyCode::NotFound => return Ok(0),
+            Err(err) => return Err(err),
+        };
+        let Some(target) = state.queues.get(&queue_id) else {
+            return Ok(0);
+        };
+        if if_unused && !target.consumers.is_empty() {
+            return Err(AmqpException::channel(
+                ReplyCode::PreconditionFailed,
+                format!("queue '{queue}' in vhost '{vhost_name}' in use"),
+            ));
+        }
+        if if_empty && !target.ready.is_empty() {
+            return Err(AmqpException::channel(
+                ReplyCode::PreconditionFailed,
+                format!("queue '{queue}' in vhost '{vhost_name}' is not empty"),
+            ));
+        }
+        let durable = target.durable && target.exclusive_owner.is_none();
+        let mut settlements = Settlements::default();
+        let dropped = state.delete_queue(queue_id, &mut settlements);
+        if durable {
+            self.persist_definitions(&state)?;
+        }
+        settlements.apply(&self.store);
+        Ok(dropped)
+    }
+
+    /// Ready and consumer counts of a queue, if it exists.
+    #[must_use]
+    pub fn queue_counts(&self, vhost: &str, queue: &str) -> Option<(u32, u32)> {
+        let state = self.state.lock();
+        let id = state.vhosts.get(vhost)?.queues.get(queue)?;
+        let queue = state.queues.get(id)?;
+        Some((queue.message_count(), queue.consumer_count()))
+    }
+}

@@ -1,0 +1,225 @@
+//! The broker driven without sockets: commands in, outcomes and [`Outbound`] events out.
+//! Includes a model-based property test of acknowledgement bookkeeping across restarts.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use holdfast_store::{FsyncPolicy, StoreConfig};
+use proptest::prelude::*;
+
+use crate::{
+    Broker, BrokerConfig, ChannelKey, ConnectionId, ConsumeRequest, Outbound, PublishRequest,
+    QueueDeclare, ReplyCode,
+};
+
+/// Raw basic properties with no field set.
+const NO_PROPERTIES: &[u8] = &[0, 0];
+
+fn open(dir: &std::path::Path) -> Arc<Broker> {
+    Broker::open(BrokerConfig {
+        store: StoreConfig {
+            dir: dir.to_owned(),
+            segment_size: 64 * 1024,
+            fsync: FsyncPolicy::Never,
+        },
+    })
+    .expect("broker opens")
+}
+
+fn connect(broker: &Broker) -> (ConnectionId, Arc<Mutex<Vec<Outbound>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let id = broker
+        .connect(
+            "/",
+            Box::new(move |event| {
+                sink.lock().expect("events").push(event);
+                true
+            }),
+        )
+        .expect("vhost / exists");
+    (id, events)
+}
+
+fn publish(broker: &Broker, connection: ConnectionId, queue: &str, id: u32, persistent: bool) {
+    broker
+        .basic_publish(
+            connection,
+            &PublishRequest {
+                exchange: String::new(),
+                routing_key: queue.to_owned(),
+                persistent,
+                headers: None,
+                properties: Bytes::from_static(NO_PROPERTIES),
+                body: Bytes::copy_from_slice(&id.to_be_bytes()),
+            },
+        )
+        .expect("publish");
+}
+
+fn body_id(broker: &Broker, message: crate::MessageRef) -> u32 {
+    let stored = broker.read_message(message).expect("readable");
+    u32::from_be_bytes(stored.body[..4].try_into().expect("4 bytes"))
+}
+
+fn declare_durable(broker: &Broker, connection: ConnectionId, name: &str) {
+    broker
+        .queue_declare(
+            connection,
+            QueueDeclare {
+                name: name.to_owned(),
+                durable: true,
+                ..QueueDeclare::default()
+            },
+        )
+        .expect("declare");
+}
+
+#[test]
+fn dispatch_respects_prefetch_and_requeues_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = open(dir.path());
+    let (connection, events) = connect(&broker);
+    let key = ChannelKey {
+        connection,
+        channel: 1,
+    };
+    broker.channel_open(key);
+    declare_durable(&broker, connection, "q");
+    for id in 0..5 {
+        publish(&broker, connection, "q", id, true);
+    }
+    broker.basic_qos(key, 2, false);
+    let (_, queue) = broker
+        .basic_consume(
+            key,
+            ConsumeRequest {
+                queue: "q".into(),
+                ..ConsumeRequest::default()
+            },
+        )
+        .expect("consume");
+    broker.dispatch(queue);
+    let delivered: Vec<(u64, u32, bool)> = events
+        .lock()
+        .expect("events")
+        .drain(..)
+        .map(|event| match event {
+            Outbound::Deliver {
+                delivery_tag,
+                message,
+                redelivered,
+                ..
+            } => (delivery_tag, body_id(&broker, message), redelivered),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(delivered, vec![(1, 0, false), (2, 1, false)]);
+    // Reject 1 with requeue: it goes back in front of 2, 3, 4 and comes right back.
+    broker.basic_settle(key, 1, false, true).expect("nack");
+    let next: Vec<(u32, bool)> = events
+        .lock()
+        .expect("events")
+        .drain(..)
+        .map(|event| match event {
+            Outbound::Deliver {
+                message,
+                redelivered,
+                ..
+            } => (body_id(&broker, message), redelivered),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(next, vec![(0, true)]);
+    let unknown = broker
+        .basic_settle(key, 99, false, false)
+        .expect_err("unknown tag");
+    assert_eq!(unknown.code, ReplyCode::PreconditionFailed);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Publish { persistent: bool },
+    Get,
+    Ack(usize),
+    Reject { index: usize, requeue: bool },
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => any::<bool>().prop_map(|persistent| Op::Publish { persistent }),
+        3 => Just(Op::Get),
+        2 => (0usize..8).prop_map(Op::Ack),
+        1 => (0usize..8, any::<bool>()).prop_map(|(index, requeue)| Op::Reject { index, requeue }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// After any sequence of publishes, gets, acks, rejects and restarts, the queue holds
+    /// exactly the model's messages, serves them in publish order, and a restart brings
+    /// back every unsettled persistent message and nothing else.
+    #[test]
+    fn acknowledgements_survive_restarts_like_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut broker = open(dir.path());
+        let (mut connection, _) = connect(&broker);
+        let mut key = ChannelKey { connection, channel: 1 };
+        broker.channel_open(key);
+        declare_durable(&broker, connection, "q");
+        let mut next_id = 0u32;
+        let mut persistent = BTreeSet::new();
+        let mut ready: BTreeSet<u32> = BTreeSet::new();
+        let mut unacked: Vec<(u64, u32)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Publish { persistent: is_persistent } => {
+                    publish(&broker, connection, "q", next_id, is_persistent);
+                    if is_persistent {
+                        persistent.insert(next_id);
+                    }
+                    ready.insert(next_id);
+                    next_id += 1;
+                }
+                Op::Get => {
+                    let got = broker.basic_get(key, "q", false).expect("get");
+                    match (got, ready.pop_first()) {
+                        (None, None) => {}
+                        (Some(ok), Some(expected)) => {
+                            prop_assert_eq!(body_id(&broker, ok.message), expected);
+                            unacked.push((ok.delivery_tag, expected));
+                        }
+                        (got, expected) => prop_assert!(false, "get {:?} but model had {:?}", got.map(|g| g.delivery_tag), expected),
+                    }
+                }
+                Op::Ack(index) if !unacked.is_empty() => {
+                    let (tag, _) = unacked.remove(index % unacked.len());
+                    broker.basic_settle(key, tag, false, false).expect("ack");
+                }
+                Op::Reject { index, requeue } if !unacked.is_empty() => {
+                    let (tag, id) = unacked.remove(index % unacked.len());
+                    broker.basic_settle(key, tag, false, requeue).expect("reject");
+                    if requeue {
+                        ready.insert(id);
+                    }
+                }
+                Op::Restart => {
+                    drop(broker);
+                    broker = open(dir.path());
+                    (connection, _) = connect(&broker);
+                    key = ChannelKey { connection, channel: 1 };
+                    broker.channel_open(key);
+                    ready.extend(unacked.drain(..).map(|(_, id)| id));
+                    ready.retain(|id| persistent.contains(id));
+                }
+                Op::Ack(_) | Op::Reject { .. } => {}
+            }
+            let (count, _) = broker.queue_counts("/", "q").expect("queue exists");
+            prop_assert_eq!(count as usize, ready.len());
+        }
+    }
+}
