@@ -737,6 +737,10 @@ impl Session {
         publish: basic::Publish,
         content: Content,
     ) -> AmqpResult<()> {
+        if publish.immediate {
+            // RabbitMQ dropped `immediate` in 3.0 and refuses it the same way.
+            return Err(AmqpException::connection(ReplyCode::NotImplemented, "immediate=true"));
+        }
         let properties = decode_properties(&content.properties).map_err(|_| {
             AmqpException::connection(
                 ReplyCode::SyntaxError,

@@ -335,3 +335,67 @@ async fn confirmed_messages_survive_kill_9_exactly_once() {
         "the test must confirm something to mean anything"
     );
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line");
+    kib * 1024
+}
+
+fn segment_files(data_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(data_dir.join("log"))
+        .expect("log dir")
+        .filter(|entry| entry.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_bodies_stay_on_disk_and_acked_segments_are_deleted() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let data_dir = temp.path().join("data");
+    let server = Server::start_in(binary(), &data_dir, &["--segment-size", "4194304"]);
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    declare(&channel, "backlog", true).await;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm");
+    let body = vec![7u8; 64 * 1024];
+    let baseline = rss_bytes(server.pid());
+    // 192 MiB of persistent messages, confirmed in windows of 64.
+    for _ in 0..48 {
+        let mut window = Vec::new();
+        for _ in 0..64 {
+            window.push(
+                channel
+                    .basic_publish("".into(), "backlog".into(), BasicPublishOptions::default(), &body, BasicProperties::default().with_delivery_mode(2))
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for confirm in window {
+            assert!(confirm.await.expect("confirm").is_ack());
+        }
+    }
+    let grown = rss_bytes(server.pid()).saturating_sub(baseline);
+    println!("backlog 192 MiB: RSS grew by {} MiB, {} segment files", grown >> 20, segment_files(&data_dir));
+    assert!(grown < 64 << 20, "broker memory grew by {} MiB for a 192 MiB backlog", grown >> 20);
+    assert!(segment_files(&data_dir) >= 40);
+    // Consume and ack everything: the segments holding it go away.
+    channel.basic_qos(256, BasicQosOptions::default()).await.expect("qos");
+    let mut consumer = channel
+        .basic_consume("backlog".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
+    for _ in 0..48 * 64 {
+        let delivery = next_delivery(&mut consumer).await;
+        assert_eq!(delivery.data.len(), body.len());
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let left = segment_files(&data_dir);
+    println!("after acking everything: {left} segment files");
+    assert!(left <= 2, "{left} segment files remain after every message was acked");
+}
