@@ -739,7 +739,10 @@ impl Session {
     ) -> AmqpResult<()> {
         if publish.immediate {
             // RabbitMQ dropped `immediate` in 3.0 and refuses it the same way.
-            return Err(AmqpException::connection(ReplyCode::NotImplemented, "immediate=true"));
+            return Err(AmqpException::connection(
+                ReplyCode::NotImplemented,
+                "immediate=true",
+            ));
         }
         let properties = decode_properties(&content.properties).map_err(|_| {
             AmqpException::connection(

@@ -199,12 +199,9 @@ fn encode_outbound(
             delivery_tag,
             redelivered,
             message,
-            release_after_read,
         } => {
             let read = broker.read_message(message);
-            if release_after_read {
-                broker.release(message);
-            }
+            broker.release(message);
             let stored = read.map_err(|err| err.to_string())?;
             encode_method(
                 out,

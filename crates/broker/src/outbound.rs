@@ -17,11 +17,10 @@ pub enum Outbound {
         delivery_tag: u64,
         /// Whether it may have been delivered before.
         redelivered: bool,
-        /// The stored message.
+        /// The stored message. The delivery holds its own reference on the record: the
+        /// connection must release it once it has read the record, so the segment
+        /// outlives the read even if the message is settled elsewhere meanwhile.
         message: MessageRef,
-        /// The message was settled on delivery (no-ack): the connection releases the
-        /// record's reference once it has read it, so its segment outlives the read.
-        release_after_read: bool,
     },
     /// Server-initiated `basic.cancel` (the queue went away).
     Cancel {

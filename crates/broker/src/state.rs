@@ -83,13 +83,31 @@ pub struct State {
 
 /// Settlements that must reach the log: ack records for recoverable entries, and
 /// references to release. Collected during an operation and applied once at its end.
-#[derive(Debug, Default)]
-pub struct Settlements {
+#[derive(Debug)]
+pub struct Settlements<'a> {
+    store: &'a Store,
     acks: Vec<(QueueId, u64)>,
     releases: Vec<holdfast_store::LogPosition>,
 }
 
-impl Settlements {
+impl<'a> Settlements<'a> {
+    /// Nothing settled yet.
+    pub fn new(store: &'a Store) -> Self {
+        Self {
+            store,
+            acks: Vec::new(),
+            releases: Vec::new(),
+        }
+    }
+
+    /// Pins a record for a delivery in flight, at once: the connection may read and
+    /// release it on another thread before this operation ends. Without the pin, a
+    /// message requeued by a closing channel, redelivered elsewhere and acked could have
+    /// its segment deleted before a stale delivery event of the first channel is read.
+    pub fn pin(&mut self, position: holdfast_store::LogPosition) {
+        self.store.retain(position);
+    }
+
     /// Records that `queue` no longer holds `entry`.
     pub fn settle(&mut self, queue: QueueId, entry: &QueueEntry) {
         if entry.recoverable {
@@ -108,7 +126,8 @@ impl Settlements {
     /// Writes one ack record for all recoverable entries, then releases references.
     /// The ack needs no fsync of its own: if it is lost in a crash the message comes
     /// back marked redelivered, which at-least-once delivery allows.
-    pub fn apply(self, store: &Store) {
+    pub fn apply(self) {
+        let store = self.store;
         if !self.acks.is_empty()
             && let Err(err) = store.append(&encode_ack(&self.acks), 0)
         {
@@ -122,7 +141,7 @@ impl Settlements {
 
 impl State {
     /// Delivers ready messages of `queue_id` to consumers with credit, round-robin.
-    pub fn dispatch(&mut self, queue_id: QueueId, settlements: &mut Settlements) {
+    pub fn dispatch(&mut self, queue_id: QueueId, settlements: &mut Settlements<'_>) {
         let Some(queue) = self.queues.get_mut(&queue_id) else {
             return;
         };
@@ -154,8 +173,10 @@ impl State {
             };
             let delivery_tag = channel.next_delivery_tag();
             if consumer.no_ack {
+                // The queue's reference passes to the delivery, released after the read.
                 settlements.settle_keep_reference(queue_id, &entry);
             } else {
+                settlements.pin(entry.message.position);
                 consumer.unacked += 1;
                 channel.unacked.insert(
                     delivery_tag,
@@ -172,22 +193,21 @@ impl State {
                 delivery_tag,
                 redelivered: entry.redelivered,
                 message: entry.message,
-                release_after_read: consumer.no_ack,
             };
             let sent = self
                 .connections
                 .get(&consumer.channel.connection)
                 .is_some_and(|connection| (connection.outbound)(event));
-            if !sent && consumer.no_ack {
-                // The connection is gone; the message was already settled, so drop the
-                // reference it would have released after reading.
+            if !sent {
+                // The connection is gone: drop the reference it would have released
+                // after reading (its unacked entry comes back when it disconnects).
                 settlements.releases.push(entry.message.position);
             }
         }
     }
 
     /// Dispatches every queue that a consumer of `channel` reads from.
-    pub fn dispatch_channel(&mut self, channel: ChannelKey, settlements: &mut Settlements) {
+    pub fn dispatch_channel(&mut self, channel: ChannelKey, settlements: &mut Settlements<'_>) {
         let queues: HashSet<QueueId> = self
             .channels
             .get(&channel)
@@ -205,7 +225,7 @@ impl State {
         channel: ChannelKey,
         deliveries: Vec<(u64, Unacked)>,
         requeue: bool,
-        settlements: &mut Settlements,
+        settlements: &mut Settlements<'_>,
     ) -> HashSet<QueueId> {
         let mut touched = HashSet::new();
         for (_, unacked) in deliveries {
@@ -250,7 +270,7 @@ impl State {
     /// Deletes a queue: its bindings, its ready messages (settled), and its consumers
     /// (told with a server-side cancel). Deliveries still out are settled when they come
     /// back. Returns the number of ready messages dropped.
-    pub fn delete_queue(&mut self, queue_id: QueueId, settlements: &mut Settlements) -> u32 {
+    pub fn delete_queue(&mut self, queue_id: QueueId, settlements: &mut Settlements<'_>) -> u32 {
         let Some(mut queue) = self.queues.remove(&queue_id) else {
             return 0;
         };

@@ -27,9 +27,9 @@ impl Broker {
                 channel.consumer_prefetch = prefetch_count;
             }
         }
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         state.dispatch_channel(key, &mut settlements);
-        settlements.apply(&self.store);
+        settlements.apply();
     }
 
     /// `basic.consume`: registers the consumer but delivers nothing yet, so the caller
@@ -95,9 +95,9 @@ impl Broker {
     /// Delivers what a queue can deliver now.
     pub fn dispatch(&self, queue: QueueId) {
         let mut state = self.state.lock();
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         state.dispatch(queue, &mut settlements);
-        settlements.apply(&self.store);
+        settlements.apply();
     }
 
     /// `basic.cancel`. Unknown tags are not an error (the consumer may have been
@@ -106,13 +106,13 @@ impl Broker {
         let mut state = self.state.lock();
         let tag: Arc<str> = consumer_tag.into();
         if let Some(queue) = state.remove_consumer(key, &tag) {
-            let mut settlements = Settlements::default();
+            let mut settlements = Settlements::new(&self.store);
             let durable = state.queues.get(&queue).is_some_and(|q| q.durable);
             state.delete_queue(queue, &mut settlements);
             if durable {
                 let _ = self.persist_definitions(&state);
             }
-            settlements.apply(&self.store);
+            settlements.apply();
         }
     }
 
@@ -214,7 +214,7 @@ impl Broker {
             )
         })?;
         let body_size = u32::try_from(request.body.len()).unwrap_or(u32::MAX);
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         for id in &targets {
             let recoverable = durable_queues.contains(id);
             if let Some(queue) = state.queues.get_mut(id) {
@@ -230,7 +230,7 @@ impl Broker {
             }
             state.dispatch(*id, &mut settlements);
         }
-        settlements.apply(&self.store);
+        settlements.apply();
         Ok(PublishOutcome {
             routed: true,
             durable_end: (!durable_queues.is_empty()).then_some(appended.end),
@@ -265,9 +265,9 @@ impl Broker {
         };
         let delivery_tag = channel.next_delivery_tag();
         if no_ack {
-            let mut settlements = Settlements::default();
+            let mut settlements = Settlements::new(&self.store);
             settlements.settle_keep_reference(queue_id, &entry);
-            settlements.apply(&self.store);
+            settlements.apply();
         } else {
             channel.unacked.insert(
                 delivery_tag,
@@ -314,13 +314,13 @@ impl Broker {
                     format!("unknown delivery tag {delivery_tag}"),
                 )
             })?;
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         let touched = state.finish_deliveries(key, deliveries, requeue, &mut settlements);
         for queue in touched {
             state.dispatch(queue, &mut settlements);
         }
         state.dispatch_channel(key, &mut settlements);
-        settlements.apply(&self.store);
+        settlements.apply();
         Ok(())
     }
 
@@ -332,11 +332,11 @@ impl Broker {
             .get_mut(&key)
             .map(|c| std::mem::take(&mut c.unacked).into_iter().collect())
             .unwrap_or_default();
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         let touched = state.finish_deliveries(key, deliveries, true, &mut settlements);
         for queue in touched {
             state.dispatch(queue, &mut settlements);
         }
-        settlements.apply(&self.store);
+        settlements.apply();
     }
 }

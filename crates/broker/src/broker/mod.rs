@@ -301,7 +301,7 @@ impl Broker {
     /// and its exclusive queues are deleted.
     pub fn disconnect(&self, connection: ConnectionId) {
         let mut state = self.state.lock();
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         let channels: Vec<u16> = state
             .connections
             .get(&connection)
@@ -331,7 +331,7 @@ impl Broker {
         for queue in touched {
             state.dispatch(queue, &mut settlements);
         }
-        settlements.apply(&self.store);
+        settlements.apply();
     }
 
     /// Opens a channel.
@@ -346,12 +346,12 @@ impl Broker {
     /// Closes a channel: cancels its consumers and requeues what it had not acked.
     pub fn channel_close(&self, key: ChannelKey) {
         let mut state = self.state.lock();
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         let touched = self.close_channel_locked(&mut state, key, &mut settlements);
         for queue in touched {
             state.dispatch(queue, &mut settlements);
         }
-        settlements.apply(&self.store);
+        settlements.apply();
     }
 
     fn close_channel_locked(
@@ -398,9 +398,9 @@ impl Broker {
             channel.flow_active = active;
         }
         if active {
-            let mut settlements = Settlements::default();
+            let mut settlements = Settlements::new(&self.store);
             state.dispatch_channel(key, &mut settlements);
-            settlements.apply(&self.store);
+            settlements.apply();
         }
     }
 

@@ -196,7 +196,7 @@ impl Broker {
         let mut state = self.state.lock();
         let vhost_name = Self::vhost_of(&state, connection)?;
         let queue_id = Self::queue_id(&state, connection, &vhost_name, queue)?;
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         let mut purged = 0;
         if let Some(queue) = state.queues.get_mut(&queue_id) {
             while let Some(entry) = queue.pop() {
@@ -204,7 +204,7 @@ impl Broker {
                 purged += 1;
             }
         }
-        settlements.apply(&self.store);
+        settlements.apply();
         Ok(purged)
     }
 
@@ -244,12 +244,12 @@ impl Broker {
             ));
         }
         let durable = target.durable && target.exclusive_owner.is_none();
-        let mut settlements = Settlements::default();
+        let mut settlements = Settlements::new(&self.store);
         let dropped = state.delete_queue(queue_id, &mut settlements);
         if durable {
             self.persist_definitions(&state)?;
         }
-        settlements.apply(&self.store);
+        settlements.apply();
         Ok(dropped)
     }
 

@@ -161,13 +161,26 @@ async fn durable_state_survives_restart_and_transient_state_does_not() {
     );
 }
 
-#[tokio::test]
+// Multi-threaded, and the blocking wait for the process off the runtime: lapin's I/O
+// runs on this runtime and must be free to answer the server's connection.close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_clients_with_connection_forced() {
     let mut server = start();
     let connection = server.connect().await;
     let mut events = Box::pin(connection.events_listener());
-    let status = server.terminate();
+    let started = std::time::Instant::now();
+    let (server, status) = tokio::task::spawn_blocking(move || {
+        let status = server.terminate();
+        (server, status)
+    })
+    .await
+    .expect("terminate");
     assert!(status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shutdown waited for the close deadline"
+    );
+    drop(server);
     let err = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(event) = events.next().await {
             if let lapin::Event::Error(err) = event {
@@ -349,7 +362,11 @@ fn rss_bytes(pid: u32) -> u64 {
 fn segment_files(data_dir: &std::path::Path) -> usize {
     std::fs::read_dir(data_dir.join("log"))
         .expect("log dir")
-        .filter(|entry| entry.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log")))
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+        })
         .count()
 }
 
@@ -361,7 +378,10 @@ async fn backlog_bodies_stay_on_disk_and_acked_segments_are_deleted() {
     let connection = server.connect().await;
     let channel = connection.create_channel().await.expect("channel");
     declare(&channel, "backlog", true).await;
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm");
     let body = vec![7u8; 64 * 1024];
     let baseline = rss_bytes(server.pid());
     // 192 MiB of persistent messages, confirmed in windows of 64.
@@ -370,7 +390,13 @@ async fn backlog_bodies_stay_on_disk_and_acked_segments_are_deleted() {
         for _ in 0..64 {
             window.push(
                 channel
-                    .basic_publish("".into(), "backlog".into(), BasicPublishOptions::default(), &body, BasicProperties::default().with_delivery_mode(2))
+                    .basic_publish(
+                        "".into(),
+                        "backlog".into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
                     .await
                     .expect("publish"),
             );
@@ -380,13 +406,29 @@ async fn backlog_bodies_stay_on_disk_and_acked_segments_are_deleted() {
         }
     }
     let grown = rss_bytes(server.pid()).saturating_sub(baseline);
-    println!("backlog 192 MiB: RSS grew by {} MiB, {} segment files", grown >> 20, segment_files(&data_dir));
-    assert!(grown < 64 << 20, "broker memory grew by {} MiB for a 192 MiB backlog", grown >> 20);
+    println!(
+        "backlog 192 MiB: RSS grew by {} MiB, {} segment files",
+        grown >> 20,
+        segment_files(&data_dir)
+    );
+    assert!(
+        grown < 64 << 20,
+        "broker memory grew by {} MiB for a 192 MiB backlog",
+        grown >> 20
+    );
     assert!(segment_files(&data_dir) >= 40);
     // Consume and ack everything: the segments holding it go away.
-    channel.basic_qos(256, BasicQosOptions::default()).await.expect("qos");
+    channel
+        .basic_qos(256, BasicQosOptions::default())
+        .await
+        .expect("qos");
     let mut consumer = channel
-        .basic_consume("backlog".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            "backlog".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consume");
     for _ in 0..48 * 64 {
@@ -397,5 +439,8 @@ async fn backlog_bodies_stay_on_disk_and_acked_segments_are_deleted() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let left = segment_files(&data_dir);
     println!("after acking everything: {left} segment files");
-    assert!(left <= 2, "{left} segment files remain after every message was acked");
+    assert!(
+        left <= 2,
+        "{left} segment files remain after every message was acked"
+    );
 }
