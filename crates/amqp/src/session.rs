@@ -68,6 +68,9 @@ pub struct Session {
     max_message_size: u64,
     /// We sent `connection.close`: only close/close-ok are still processed.
     pub closing: bool,
+    /// Highest log offset a confirm of this connection waits for. Close-oks wait for it
+    /// too, so no confirm ever follows the close-ok of its channel.
+    confirm_horizon: u64,
 }
 
 impl Session {
@@ -90,6 +93,7 @@ impl Session {
             frame_max,
             max_message_size,
             closing: false,
+            confirm_horizon: 0,
         }
     }
 
@@ -97,6 +101,16 @@ impl Session {
         let mut frames = BytesMut::with_capacity(64);
         encode_method(&mut frames, channel, &reply);
         let _ = self.writer.send(WriterItem::Frames(frames));
+    }
+
+    /// Sends a reply that must not overtake the confirms already queued.
+    fn send_after_confirms(&self, channel: u16, reply: AMQPClass) {
+        let mut frames = BytesMut::with_capacity(32);
+        encode_method(&mut frames, channel, &reply);
+        let _ = self.writer.send(WriterItem::AfterDurable {
+            durable_end: self.confirm_horizon,
+            frames,
+        });
     }
 
     fn key(&self, channel: u16) -> ChannelKey {
@@ -218,7 +232,7 @@ impl Session {
                     }
                     AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                         self.channels.remove(&channel_id);
-                        self.send(
+                        self.send_after_confirms(
                             channel_id,
                             AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                         );
@@ -295,7 +309,7 @@ impl Session {
         if let Some(session) = self.channels.get_mut(&channel_id) {
             session.closing = true;
         }
-        self.send(
+        self.send_after_confirms(
             channel_id,
             AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
                 reply_code: exception.code.code(),
@@ -309,7 +323,7 @@ impl Session {
     fn connection_method(&mut self, method: AMQPClass) -> AmqpResult<Flow> {
         match method {
             AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
-                self.send(
+                self.send_after_confirms(
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
                 );
@@ -354,7 +368,7 @@ impl Session {
             AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                 self.broker.channel_close(key);
                 self.channels.remove(&channel_id);
-                self.send(
+                self.send_after_confirms(
                     channel_id,
                     AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                 );
@@ -771,6 +785,9 @@ impl Session {
             self.send_return(channel_id, &request);
         }
         if let Some(seq) = seq {
+            if let Some(end) = outcome.durable_end {
+                self.confirm_horizon = self.confirm_horizon.max(end);
+            }
             let _ = self.writer.send(WriterItem::Confirm {
                 channel: channel_id,
                 seq,

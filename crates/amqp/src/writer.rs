@@ -83,7 +83,11 @@ pub async fn run_writer(
                         Err(_) => 0,
                     };
                     match item {
-                        WriterItem::Frames(frames) => out.extend_from_slice(&frames),
+                        WriterItem::Frames(frames) => {
+                            // Replies keep their place after the confirms before them.
+                            flush_confirms(&mut out, &mut confirms);
+                            out.extend_from_slice(&frames);
+                        }
                         WriterItem::Outbound(event) => {
                             if let Err(text) = encode_outbound(&broker, &mut out, event, frame_max) {
                                 error!(error = %text, "delivery could not be read from the store");
@@ -106,6 +110,7 @@ pub async fn run_writer(
                         }
                         WriterItem::AfterDurable { durable_end, frames } => {
                             if pending.is_empty() && durable_end <= durable_now {
+                                flush_confirms(&mut out, &mut confirms);
                                 out.extend_from_slice(&frames);
                             } else {
                                 pending.push_back((durable_end, Pending::Frames(frames)));

@@ -112,3 +112,39 @@ async fn confirm_and_tx_modes_exclude_each_other() {
     assert_eq!(reply_code(&err), Some(406));
     let _ = FieldTable::default();
 }
+
+#[tokio::test]
+async fn confirms_in_flight_arrive_before_channel_close_ok() {
+    let server = start();
+    let connection = server.connect().await;
+    let setup = connection.create_channel().await.expect("channel");
+    declare(&setup, "close-confirms", true).await;
+    for _ in 0..5 {
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm");
+        let mut pending = Vec::new();
+        for i in 0..200u32 {
+            pending.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        "close-confirms".into(),
+                        BasicPublishOptions::default(),
+                        &i.to_be_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        channel.close(200, "done".into()).await.expect("close");
+        for confirm in pending {
+            let confirmation = confirm.await.expect("confirmed before close-ok");
+            assert!(confirmation.is_ack());
+        }
+    }
+    assert_eq!(message_count(&setup, "close-confirms").await, 1000);
+}
