@@ -15,7 +15,7 @@ use crate::support::*;
 use crate::{binary, start};
 use holdfast_testkit::Server;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_state_survives_restart_and_transient_state_does_not() {
     let mut server = start();
     {
@@ -106,7 +106,14 @@ async fn durable_state_survives_restart_and_transient_state_does_not() {
             .expect("get")
             .expect("message");
         assert_eq!(held.delivery.data, vec![1]);
-        let status = server.terminate();
+        // Off the runtime, so lapin can answer the server's connection.close.
+        let (returned, status) = tokio::task::spawn_blocking(move || {
+            let status = server.terminate();
+            (server, status)
+        })
+        .await
+        .expect("terminate");
+        server = returned;
         assert!(status.success(), "SIGTERM exit status {status:?}");
     }
     server.restart();
