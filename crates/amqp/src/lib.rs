@@ -327,8 +327,13 @@ async fn handle_connection(
     };
     let (writer_tx, writer_rx) = mpsc::unbounded_channel::<WriterItem>();
     let sink_tx = writer_tx.clone();
-    let sink: holdfast_broker::OutboundSink =
-        Box::new(move |event: Outbound| sink_tx.send(WriterItem::Outbound(event)).is_ok());
+    // Channel closes the broker initiates change the reader's channel state, so they
+    // go to the reader; everything else is for the writer, in order.
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Outbound>();
+    let sink: holdfast_broker::OutboundSink = Box::new(move |event: Outbound| match event {
+        Outbound::CloseChannel { .. } => control_tx.send(event).is_ok(),
+        event => sink_tx.send(WriterItem::Outbound(event)).is_ok(),
+    });
     let connection_id = match broker.connect(&tuned.vhost, sink) {
         Ok(id) => id,
         Err(exception) => {
@@ -419,6 +424,11 @@ async fn handle_connection(
                     ReplyCode::ConnectionForced,
                     "broker forced connection closure with reason 'shutdown'",
                 ));
+            }
+            Some(event) = control_rx.recv() => {
+                if let Outbound::CloseChannel { channel, code, text } = event {
+                    session.server_closed_channel(channel, code, &text);
+                }
             }
         }
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use holdfast_broker::{
-    AmqpException, AmqpResult, Broker, ChannelKey, ConnectionId, ConsumeRequest, PublishRequest,
-    QueueDeclare, ReplyCode, Scope,
+    AmqpException, AmqpResult, Broker, ChannelKey, ConnectionId, ConsumeRequest, Disposition,
+    PublishRequest, QueueDeclare, ReplyCode, Scope,
 };
 use holdfast_codec::AssemblyError;
 use holdfast_codec::{
@@ -19,7 +19,7 @@ use holdfast_codec::{
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::debug;
 
-use crate::writer::WriterItem;
+use crate::writer::{WriterItem, delivery_properties};
 
 /// What the connection loop should do after a frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,6 +37,18 @@ struct Settle {
     multiple: bool,
     requeue: bool,
     is_ack: bool,
+}
+
+impl Settle {
+    fn disposition(&self) -> Disposition {
+        if self.is_ack {
+            Disposition::Ack
+        } else if self.requeue {
+            Disposition::Requeue
+        } else {
+            Disposition::Reject
+        }
+    }
 }
 
 #[derive(Default)]
@@ -736,12 +748,11 @@ impl Session {
             transaction.settles.push(settle);
             return Ok(());
         }
-        let requeue = !settle.is_ack && settle.requeue;
         self.broker.basic_settle(
             self.key(channel_id),
             settle.delivery_tag,
             settle.multiple,
-            requeue,
+            settle.disposition(),
         )
     }
 
@@ -764,6 +775,15 @@ impl Session {
                 "malformed content header properties",
             )
         })?;
+        let expiration = match properties.expiration() {
+            None => None,
+            Some(text) => Some(text.as_str().parse::<u64>().map_err(|_| {
+                AmqpException::channel(
+                    ReplyCode::PreconditionFailed,
+                    format!("invalid expiration '{}': no_integer", text.as_str()),
+                )
+            })?),
+        };
         let request = PublishRequest {
             exchange: publish.exchange.as_str().to_owned(),
             routing_key: publish.routing_key.as_str().to_owned(),
@@ -771,6 +791,7 @@ impl Session {
             headers: properties.headers().clone(),
             properties: content.properties,
             body: content.body,
+            expiration,
         };
         let session = self.channel(channel_id)?;
         if let Some(transaction) = session.tx.as_mut() {
@@ -792,6 +813,7 @@ impl Session {
                 channel: channel_id,
                 seq,
                 durable_end: outcome.durable_end,
+                ack: !outcome.rejected,
             });
         }
         Ok(())
@@ -855,11 +877,12 @@ impl Session {
                 message_count: ok.message_count,
             })),
         );
+        let properties = delivery_properties(&stored.properties, ok.delivery_count);
         encode_content_header(
             &mut frames,
             channel_id,
             stored.body.len() as u64,
-            &stored.properties,
+            &properties,
         );
         encode_body(&mut frames, channel_id, &stored.body, self.frame_max);
         let _ = self.writer.send(WriterItem::Frames(frames));
@@ -884,12 +907,11 @@ impl Session {
             durable_end = durable_end.max(outcome.durable_end.unwrap_or(0));
         }
         for settle in transaction.settles {
-            let requeue = !settle.is_ack && settle.requeue;
             self.broker.basic_settle(
                 self.key(channel_id),
                 settle.delivery_tag,
                 settle.multiple,
-                requeue,
+                settle.disposition(),
             )?;
         }
         let mut frames = BytesMut::with_capacity(16);
@@ -903,6 +925,28 @@ impl Session {
             frames,
         });
         Ok(())
+    }
+
+    /// The broker closed a channel on its own (its state there is gone): tell the peer
+    /// and drop the channel's frames until it answers.
+    pub fn server_closed_channel(&mut self, channel_id: u16, code: ReplyCode, text: &str) {
+        let Some(session) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        if session.closing {
+            return;
+        }
+        session.closing = true;
+        let exception = AmqpException::channel(code, text);
+        self.send_after_confirms(
+            channel_id,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: exception.code.code(),
+                reply_text: exception.reply_text().into(),
+                class_id: 0,
+                method_id: 0,
+            })),
+        );
     }
 
     /// Releases everything the connection holds in the broker.

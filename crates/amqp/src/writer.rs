@@ -8,11 +8,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use holdfast_broker::{Broker, Outbound};
 use holdfast_codec::{
-    AMQPClass, basic, connection, encode_body, encode_content_header, encode_heartbeat,
-    encode_method,
+    AMQPClass, AMQPValue, basic, connection, decode_properties, encode_body, encode_content_header,
+    encode_heartbeat, encode_method, encode_properties,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -35,6 +35,8 @@ pub enum WriterItem {
         seq: u64,
         /// Durability needed, if any.
         durable_end: Option<u64>,
+        /// `basic.ack` (taken) or `basic.nack` (refused by a full queue).
+        ack: bool,
     },
     /// Frames that may only leave once the log is durable up to `durable_end`.
     AfterDurable {
@@ -47,8 +49,11 @@ pub enum WriterItem {
     Shutdown,
 }
 
+/// A confirm ready to go: channel, sequence number, ack (true) or nack.
+type ReadyConfirm = (u16, u64, bool);
+
 enum Pending {
-    Confirm { channel: u16, seq: u64 },
+    Confirm(ReadyConfirm),
     Frames(BytesMut),
 }
 
@@ -63,7 +68,7 @@ pub async fn run_writer(
     let mut durable = broker.store().durable();
     let mut pending: VecDeque<(u64, Pending)> = VecDeque::new();
     let mut out = BytesMut::with_capacity(64 * 1024);
-    let mut confirms: Vec<(u16, u64)> = Vec::new();
+    let mut confirms: Vec<ReadyConfirm> = Vec::new();
     let mut last_write = Instant::now();
     let tick = heartbeat.map_or(Duration::from_secs(3600), |h| {
         (h / 2).max(Duration::from_millis(100))
@@ -100,12 +105,12 @@ pub async fn run_writer(
                                 shutting_down = true;
                             }
                         }
-                        WriterItem::Confirm { channel, seq, durable_end } => {
+                        WriterItem::Confirm { channel, seq, durable_end, ack } => {
                             let needed = durable_end.unwrap_or(0);
                             if pending.is_empty() && needed <= durable_now {
-                                confirms.push((channel, seq));
+                                confirms.push((channel, seq, ack));
                             } else {
-                                pending.push_back((needed, Pending::Confirm { channel, seq }));
+                                pending.push_back((needed, Pending::Confirm((channel, seq, ack))));
                             }
                         }
                         WriterItem::AfterDurable { durable_end, frames } => {
@@ -137,7 +142,7 @@ pub async fn run_writer(
                 };
                 while pending.front().is_some_and(|(needed, _)| *needed <= offset) {
                     match pending.pop_front() {
-                        Some((_, Pending::Confirm { channel, seq })) => confirms.push((channel, seq)),
+                        Some((_, Pending::Confirm(confirm))) => confirms.push(confirm),
                         Some((_, Pending::Frames(frames))) => {
                             flush_confirms(&mut out, &mut confirms);
                             out.extend_from_slice(&frames);
@@ -168,27 +173,55 @@ pub async fn run_writer(
     let _ = socket.shutdown().await;
 }
 
-/// Writes queued acks, one `basic.ack multiple` per run of one channel: confirms leave in
-/// publish order, so acking up to the highest sequence acks exactly the run.
-fn flush_confirms(out: &mut BytesMut, confirms: &mut Vec<(u16, u64)>) {
+/// Writes queued confirms, one `basic.ack`/`basic.nack` with `multiple` per run of one
+/// channel and one kind: confirms leave in publish order, so confirming up to the
+/// highest sequence number confirms exactly the run.
+fn flush_confirms(out: &mut BytesMut, confirms: &mut Vec<ReadyConfirm>) {
     let mut index = 0;
     while index < confirms.len() {
-        let (channel, _) = confirms[index];
+        let (channel, _, ack) = confirms[index];
         let mut last = index;
-        while last + 1 < confirms.len() && confirms[last + 1].0 == channel {
+        while last + 1 < confirms.len()
+            && confirms[last + 1].0 == channel
+            && confirms[last + 1].2 == ack
+        {
             last += 1;
         }
-        encode_method(
-            out,
-            channel,
-            &AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
-                delivery_tag: confirms[last].1,
-                multiple: last > index,
-            })),
-        );
+        let delivery_tag = confirms[last].1;
+        let multiple = last > index;
+        let method = if ack {
+            basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag,
+                multiple,
+            })
+        } else {
+            basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag,
+                multiple,
+                requeue: false,
+            })
+        };
+        encode_method(out, channel, &AMQPClass::Basic(method));
         index = last + 1;
     }
     confirms.clear();
+}
+
+/// The properties to deliver with: unchanged for a first delivery; with an
+/// `x-delivery-count` header (as RabbitMQ's quorum queues send) once it was returned.
+pub fn delivery_properties(raw: &Bytes, delivery_count: u32) -> Bytes {
+    if delivery_count == 0 {
+        return raw.clone();
+    }
+    let Ok(properties) = decode_properties(raw) else {
+        return raw.clone();
+    };
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(i64::from(delivery_count)),
+    );
+    encode_properties(&properties.with_headers(headers))
 }
 
 fn encode_outbound(
@@ -203,6 +236,7 @@ fn encode_outbound(
             consumer_tag,
             delivery_tag,
             redelivered,
+            delivery_count,
             message,
         } => {
             let read = broker.read_message(message);
@@ -219,9 +253,12 @@ fn encode_outbound(
                     routing_key: String::from_utf8_lossy(&stored.routing_key).as_ref().into(),
                 })),
             );
-            encode_content_header(out, channel, stored.body.len() as u64, &stored.properties);
+            let properties = delivery_properties(&stored.properties, delivery_count);
+            encode_content_header(out, channel, stored.body.len() as u64, &properties);
             encode_body(out, channel, &stored.body, frame_max);
         }
+        // Routed to the reader when the connection is set up; never queued here.
+        Outbound::CloseChannel { .. } => {}
         Outbound::Cancel {
             channel,
             consumer_tag,

@@ -16,6 +16,8 @@ pub struct Unacked {
     pub entry: QueueEntry,
     /// The consumer it went to; `None` for `basic.get`.
     pub consumer_tag: Option<Arc<str>>,
+    /// When it was delivered, ms since the UNIX epoch (for the consumer ack timeout).
+    pub delivered_at: u64,
 }
 
 /// Per-channel state.

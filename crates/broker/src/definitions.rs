@@ -2,12 +2,12 @@
 //! atomically by the store whenever a durable definition changes. Definitions change
 //! rarely, so rewriting the whole document is simpler and safer than logging deltas.
 
-use std::collections::VecDeque;
-
 use holdfast_codec::FieldTable;
 use serde::{Deserialize, Serialize};
 
 use crate::QueueId;
+use crate::arguments::QueuePolicy;
+use crate::enqueue::now_ms;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::queue::Queue;
 use crate::state::{State, VHost};
@@ -135,6 +135,7 @@ impl Definitions {
 
     /// Rebuilds vhosts, exchanges, empty queues and bindings into `state`.
     pub fn restore(self, state: &mut State) {
+        let now = now_ms();
         state.next_queue_id = state.next_queue_id.max(self.next_queue_id);
         for definitions in self.vhosts {
             let vhost = state
@@ -157,22 +158,24 @@ impl Definitions {
             for queue in definitions.queues {
                 vhost.queues.insert(queue.name.clone(), queue.id);
                 state.next_queue_id = state.next_queue_id.max(queue.id.0 + 1);
+                // Accepted when declared, so it parses; a newer version's argument that
+                // this one refuses falls back to no special behaviour rather than
+                // losing the queue.
+                let policy = QueuePolicy::parse(&queue.arguments, &queue.name, &definitions.name)
+                    .unwrap_or_default();
                 state.queues.insert(
                     queue.id,
-                    Queue {
-                        id: queue.id,
-                        name: queue.name,
-                        vhost: definitions.name.clone(),
-                        durable: true,
-                        exclusive_owner: None,
-                        auto_delete: queue.auto_delete,
-                        arguments: queue.arguments,
-                        ready: VecDeque::new(),
-                        ready_bytes: 0,
-                        consumers: Vec::new(),
-                        cursor: 0,
-                        had_consumer: false,
-                    },
+                    Queue::new(
+                        queue.id,
+                        queue.name,
+                        definitions.name.clone(),
+                        true,
+                        None,
+                        queue.auto_delete,
+                        queue.arguments,
+                        policy,
+                        now,
+                    ),
                 );
             }
             for binding in definitions.bindings {

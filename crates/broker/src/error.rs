@@ -187,6 +187,13 @@ pub enum BrokerError {
         /// Where.
         position: u64,
     },
+    /// The housekeeping thread could not start.
+    #[error("cannot start the housekeeping thread: {source}")]
+    Thread {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Stored definitions could not be read.
     #[error("definitions are unreadable: {0}")]
     Definitions(#[source] serde_json::Error),

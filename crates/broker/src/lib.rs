@@ -9,9 +9,12 @@
 //! never the other way round, so the order is always broker state → store.
 #![warn(missing_docs)]
 
+mod arguments;
 mod broker;
 mod channel;
+mod dead_letter;
 mod definitions;
+mod enqueue;
 mod error;
 mod exchange;
 mod headers;
@@ -33,6 +36,7 @@ pub use exchange::ExchangeKind;
 pub use outbound::Outbound;
 pub use queue::MessageRef;
 pub use record::StoredMessage;
+pub use state::Disposition;
 
 /// Identifies a connection for the lifetime of the process.
 pub type ConnectionId = u64;

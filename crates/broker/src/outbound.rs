@@ -17,10 +17,22 @@ pub enum Outbound {
         delivery_tag: u64,
         /// Whether it may have been delivered before.
         redelivered: bool,
+        /// Failed deliveries so far; sent as `x-delivery-count` when non-zero.
+        delivery_count: u32,
         /// The stored message. The delivery holds its own reference on the record: the
         /// connection must release it once it has read the record, so the segment
         /// outlives the read even if the message is settled elsewhere meanwhile.
         message: MessageRef,
+    },
+    /// The broker closes a channel on its own (e.g. a delivery was not acknowledged
+    /// within the consumer timeout); its state in the broker is already gone.
+    CloseChannel {
+        /// Channel number.
+        channel: u16,
+        /// Reply code.
+        code: crate::ReplyCode,
+        /// Reply text, without the code name.
+        text: String,
     },
     /// Server-initiated `basic.cancel` (the queue went away).
     Cancel {

@@ -8,7 +8,36 @@ use std::sync::Arc;
 use holdfast_codec::FieldTable;
 use holdfast_store::LogPosition;
 
+use crate::arguments::QueuePolicy;
+use crate::dead_letter::DeathReason;
 use crate::{ChannelKey, ConnectionId, QueueId};
+
+/// What a queue has counted since it was created (this process).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Rejected with requeue=false.
+    pub rejected: u64,
+    /// Expired.
+    pub expired: u64,
+    /// Pushed out or refused by a length limit.
+    pub maxlen: u64,
+    /// Over the delivery limit.
+    pub delivery_limit: u64,
+    /// Publishes refused by `reject-publish(-dlx)`.
+    pub refused: u64,
+}
+
+impl QueueStats {
+    /// Counts a message leaving for `reason` (dead-lettered or dropped).
+    pub fn count_death(&mut self, reason: DeathReason) {
+        match reason {
+            DeathReason::Rejected => self.rejected += 1,
+            DeathReason::Expired => self.expired += 1,
+            DeathReason::Maxlen => self.maxlen += 1,
+            DeathReason::DeliveryLimit => self.delivery_limit += 1,
+        }
+    }
+}
 
 /// A reference to a stored message: where its record is and how long it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +60,12 @@ pub struct QueueEntry {
     /// Whether the queue must get it back after a restart (durable queue, persistent
     /// message); only such entries get ack records.
     pub recoverable: bool,
+    /// How often it was returned to the queue unacknowledged (nack/reject with requeue,
+    /// channel closed, recover); sent as `x-delivery-count` and checked against
+    /// `x-delivery-limit`.
+    pub delivery_count: u32,
+    /// When it expires, ms since the UNIX epoch; `u64::MAX` for never.
+    pub expires_at: u64,
 }
 
 /// A consumer attached to a queue.
@@ -75,6 +110,13 @@ pub struct Queue {
     pub auto_delete: bool,
     /// Declared arguments, kept as given.
     pub arguments: FieldTable,
+    /// The behaviour the arguments ask for.
+    pub policy: QueuePolicy,
+    /// Last time it was used (declared, consumed from, polled), ms since the UNIX epoch;
+    /// `x-expires` counts from here.
+    pub last_used: u64,
+    /// Counters.
+    pub stats: QueueStats,
     /// Ready messages in log order.
     pub ready: VecDeque<QueueEntry>,
     /// Bytes of ready bodies.
@@ -88,6 +130,39 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// An empty queue.
+    #[allow(clippy::too_many_arguments)]
+    #[must_use]
+    pub fn new(
+        id: QueueId,
+        name: String,
+        vhost: String,
+        durable: bool,
+        exclusive_owner: Option<ConnectionId>,
+        auto_delete: bool,
+        arguments: FieldTable,
+        policy: QueuePolicy,
+        now: u64,
+    ) -> Queue {
+        Queue {
+            id,
+            name,
+            vhost,
+            durable,
+            exclusive_owner,
+            auto_delete,
+            arguments,
+            policy,
+            last_used: now,
+            stats: QueueStats::default(),
+            ready: std::collections::VecDeque::new(),
+            ready_bytes: 0,
+            consumers: Vec::new(),
+            cursor: 0,
+            had_consumer: false,
+        }
+    }
+
     /// Adds a message at its place in log order (the back, for a fresh publish).
     pub fn push(&mut self, entry: QueueEntry) {
         self.ready_bytes += u64::from(entry.body_size);
@@ -113,6 +188,30 @@ impl Queue {
         let entry = self.ready.pop_front()?;
         self.ready_bytes -= u64::from(entry.body_size);
         Some(entry)
+    }
+
+    /// Whether one more message of `body_size` bytes would exceed a length limit.
+    #[must_use]
+    pub fn is_full_for(&self, body_size: u32) -> bool {
+        self.policy
+            .max_length
+            .is_some_and(|max| self.ready.len() as u64 >= max)
+            || self
+                .policy
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes + u64::from(body_size) > max)
+    }
+
+    /// Whether the queue holds more than a length limit allows.
+    #[must_use]
+    pub fn is_over_limit(&self) -> bool {
+        self.policy
+            .max_length
+            .is_some_and(|max| self.ready.len() as u64 > max)
+            || self
+                .policy
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes > max)
     }
 
     /// Number of ready messages.

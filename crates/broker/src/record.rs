@@ -2,17 +2,23 @@
 //! the only writer and reader of their layout (all integers big-endian):
 //!
 //! ```text
-//! publish: 0x01 | flags u8 (bit 0: persistent)
+//! publish: 0x01 | flags u8 (bit 0: persistent, bit 1: has expiration)
+//!          | published at: u64 ms since the UNIX epoch | [expiration: u64 ms, if bit 1]
 //!          | exchange: u8 len + bytes | routing key: u8 len + bytes
 //!          | durable queue ids: u16 count + u64 each   (queues that must recover it)
+//!          | settled: u16 count + (queue id u64, position u64) each
 //!          | properties: u32 len + raw basic properties
 //!          | body: the rest of the record
 //! ack:     0x02 | u32 count | (queue id u64, message position u64) * count
+//! requeue: 0x03 | u32 count | (queue id u64, message position u64) * count
 //! ```
 //!
 //! A message is written once, whatever the number of queues it reaches; every queue keeps
 //! only its position. An ack record removes one queue's reference when the log is
-//! replayed. Queue ids are never reused, so records of a deleted queue are simply ignored.
+//! replayed; a requeue record counts a failed delivery. A publish record may also settle
+//! other entries: a dead-letter move is one record that adds the new copy and removes the
+//! original, so after a crash the message is in exactly one of the two queues. Queue ids
+//! are never reused, so records of a deleted queue are simply ignored.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -20,7 +26,9 @@ use crate::QueueId;
 
 const PUBLISH: u8 = 1;
 const ACK: u8 = 2;
+const REQUEUE: u8 = 3;
 const PERSISTENT: u8 = 1;
+const HAS_EXPIRATION: u8 = 2;
 
 /// A message as stored: everything a delivery needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,13 +43,42 @@ pub struct StoredMessage {
     pub body: Bytes,
 }
 
+/// A publish record to write.
+#[derive(Debug, Clone, Copy)]
+pub struct NewPublish<'a> {
+    /// delivery-mode 2.
+    pub persistent: bool,
+    /// When the broker took it, in ms since the UNIX epoch (TTLs count from here).
+    pub published_at: u64,
+    /// Per-message TTL from the `expiration` property, in ms.
+    pub expiration: Option<u64>,
+    /// Exchange it was published to.
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+    /// Durable queues that must get it back after a restart.
+    pub durable_queues: &'a [QueueId],
+    /// Queue entries this record removes (dead-letter moves).
+    pub settles: &'a [(QueueId, u64)],
+    /// Raw basic properties.
+    pub properties: &'a [u8],
+    /// Body.
+    pub body: &'a [u8],
+}
+
 /// What recovery needs of a publish record: no body copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishHeader {
     /// delivery-mode 2.
     pub persistent: bool,
+    /// When the broker took it (ms since the UNIX epoch).
+    pub published_at: u64,
+    /// Per-message TTL in ms.
+    pub expiration: Option<u64>,
     /// Durable queues that must get it back after a restart.
     pub durable_queues: Vec<QueueId>,
+    /// Entries removed by this record.
+    pub settles: Vec<(QueueId, u64)>,
     /// Size of the body.
     pub body_size: u32,
 }
@@ -53,44 +90,59 @@ pub enum Replayed {
     Publish(PublishHeader),
     /// Queue references removed.
     Ack(Vec<(QueueId, u64)>),
+    /// Failed deliveries, one count each.
+    Requeue(Vec<(QueueId, u64)>),
 }
 
 /// Encodes a publish record.
 #[must_use]
-pub fn encode_publish(
-    persistent: bool,
-    exchange: &str,
-    routing_key: &str,
-    durable_queues: &[QueueId],
-    properties: &[u8],
-    body: &[u8],
-) -> BytesMut {
-    let exchange = short(exchange.as_bytes());
-    let routing_key = short(routing_key.as_bytes());
+pub fn encode_publish(message: &NewPublish<'_>) -> BytesMut {
+    let exchange = short(message.exchange.as_bytes());
+    let routing_key = short(message.routing_key.as_bytes());
+    let queues = &message.durable_queues[..message.durable_queues.len().min(u16::MAX as usize)];
+    let settles = &message.settles[..message.settles.len().min(u16::MAX as usize)];
     let mut record = BytesMut::with_capacity(
-        2 + 2
+        2 + 16
+            + 2
             + exchange.len()
             + routing_key.len()
             + 2
-            + durable_queues.len() * 8
+            + queues.len() * 8
+            + 2
+            + settles.len() * 16
             + 4
-            + properties.len()
-            + body.len(),
+            + message.properties.len()
+            + message.body.len(),
     );
+    let mut flags = 0;
+    if message.persistent {
+        flags |= PERSISTENT;
+    }
+    if message.expiration.is_some() {
+        flags |= HAS_EXPIRATION;
+    }
     record.put_u8(PUBLISH);
-    record.put_u8(if persistent { PERSISTENT } else { 0 });
+    record.put_u8(flags);
+    record.put_u64(message.published_at);
+    if let Some(expiration) = message.expiration {
+        record.put_u64(expiration);
+    }
     record.put_u8(exchange.len() as u8);
     record.put_slice(exchange);
     record.put_u8(routing_key.len() as u8);
     record.put_slice(routing_key);
-    let count = durable_queues.len().min(u16::MAX as usize);
-    record.put_u16(count as u16);
-    for queue in &durable_queues[..count] {
+    record.put_u16(queues.len() as u16);
+    for queue in queues {
         record.put_u64(queue.0);
     }
-    record.put_u32(properties.len() as u32);
-    record.put_slice(properties);
-    record.put_slice(body);
+    record.put_u16(settles.len() as u16);
+    for (queue, position) in settles {
+        record.put_u64(queue.0);
+        record.put_u64(*position);
+    }
+    record.put_u32(message.properties.len() as u32);
+    record.put_slice(message.properties);
+    record.put_slice(message.body);
     record
 }
 
@@ -99,17 +151,27 @@ fn short(bytes: &[u8]) -> &[u8] {
     &bytes[..bytes.len().min(255)]
 }
 
-/// Encodes an ack record.
-#[must_use]
-pub fn encode_ack(acks: &[(QueueId, u64)]) -> BytesMut {
-    let mut record = BytesMut::with_capacity(5 + acks.len() * 16);
-    record.put_u8(ACK);
-    record.put_u32(acks.len() as u32);
-    for (queue, position) in acks {
+fn encode_pairs(tag: u8, pairs: &[(QueueId, u64)]) -> BytesMut {
+    let mut record = BytesMut::with_capacity(5 + pairs.len() * 16);
+    record.put_u8(tag);
+    record.put_u32(pairs.len() as u32);
+    for (queue, position) in pairs {
         record.put_u64(queue.0);
         record.put_u64(*position);
     }
     record
+}
+
+/// Encodes an ack record.
+#[must_use]
+pub fn encode_ack(acks: &[(QueueId, u64)]) -> BytesMut {
+    encode_pairs(ACK, acks)
+}
+
+/// Encodes a requeue record (one failed delivery per entry).
+#[must_use]
+pub fn encode_requeue(requeues: &[(QueueId, u64)]) -> BytesMut {
+    encode_pairs(REQUEUE, requeues)
 }
 
 struct Reader<'a> {
@@ -139,6 +201,14 @@ impl<'a> Reader<'a> {
         array.copy_from_slice(b);
         Some(u64::from_be_bytes(array))
     }
+    fn pairs(&mut self, count: usize) -> Option<Vec<(QueueId, u64)>> {
+        // Bound the allocation by what the bytes can hold, whatever the count claims.
+        let mut pairs = Vec::with_capacity(count.min(self.bytes.len() / 16));
+        for _ in 0..count {
+            pairs.push((QueueId(self.u64()?), self.u64()?));
+        }
+        Some(pairs)
+    }
 }
 
 /// Decodes a record for replay; `None` for bytes this version does not understand
@@ -148,7 +218,13 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
     let mut reader = Reader { bytes, at: 0 };
     match reader.u8()? {
         PUBLISH => {
-            let persistent = reader.u8()? & PERSISTENT != 0;
+            let flags = reader.u8()?;
+            let published_at = reader.u64()?;
+            let expiration = if flags & HAS_EXPIRATION != 0 {
+                Some(reader.u64()?)
+            } else {
+                None
+            };
             let exchange_len = reader.u8()? as usize;
             reader.take(exchange_len)?;
             let key_len = reader.u8()? as usize;
@@ -158,25 +234,34 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
             for _ in 0..count {
                 durable_queues.push(QueueId(reader.u64()?));
             }
+            let settle_count = reader_count16(&mut reader)?;
+            let settles = reader.pairs(settle_count)?;
             let properties_len = reader.u32()? as usize;
             reader.take(properties_len)?;
             let body_size = u32::try_from(bytes.len() - reader.at).unwrap_or(u32::MAX);
             Some(Replayed::Publish(PublishHeader {
-                persistent,
+                persistent: flags & PERSISTENT != 0,
+                published_at,
+                expiration,
                 durable_queues,
+                settles,
                 body_size,
             }))
         }
         ACK => {
             let count = reader.u32()? as usize;
-            let mut acks = Vec::with_capacity(count.min(bytes.len() / 16));
-            for _ in 0..count {
-                acks.push((QueueId(reader.u64()?), reader.u64()?));
-            }
-            Some(Replayed::Ack(acks))
+            Some(Replayed::Ack(reader.pairs(count)?))
+        }
+        REQUEUE => {
+            let count = reader.u32()? as usize;
+            Some(Replayed::Requeue(reader.pairs(count)?))
         }
         _ => None,
     }
+}
+
+fn reader_count16(reader: &mut Reader<'_>) -> Option<usize> {
+    reader.u16().map(usize::from)
 }
 
 /// Splits a publish record read back from the log into its parts, sharing its bytes.
@@ -189,7 +274,8 @@ pub fn decode_message(record: &Bytes) -> Option<StoredMessage> {
     if reader.u8()? != PUBLISH {
         return None;
     }
-    reader.u8()?;
+    let flags = reader.u8()?;
+    reader.take(if flags & HAS_EXPIRATION != 0 { 16 } else { 8 })?;
     let exchange_len = reader.u8()? as usize;
     let exchange_at = reader.at;
     reader.take(exchange_len)?;
@@ -198,6 +284,8 @@ pub fn decode_message(record: &Bytes) -> Option<StoredMessage> {
     reader.take(key_len)?;
     let count = reader.u16()? as usize;
     reader.take(count * 8)?;
+    let settled = reader.u16()? as usize;
+    reader.take(settled * 16)?;
     let properties_len = reader.u32()? as usize;
     let properties_at = reader.at;
     reader.take(properties_len)?;
@@ -215,20 +303,26 @@ mod tests {
 
     #[test]
     fn publish_round_trip() {
-        let record = encode_publish(
-            true,
-            "amq.direct",
-            "key",
-            &[QueueId(7), QueueId(9)],
-            &[0x10, 0],
-            b"body",
-        )
+        let record = encode_publish(&NewPublish {
+            persistent: true,
+            published_at: 1_700_000_000_000,
+            expiration: Some(5000),
+            exchange: "amq.direct",
+            routing_key: "key",
+            durable_queues: &[QueueId(7), QueueId(9)],
+            settles: &[(QueueId(3), 80)],
+            properties: &[0x10, 0],
+            body: b"body",
+        })
         .freeze();
         assert_eq!(
             replay(&record),
             Some(Replayed::Publish(PublishHeader {
                 persistent: true,
+                published_at: 1_700_000_000_000,
+                expiration: Some(5000),
                 durable_queues: vec![QueueId(7), QueueId(9)],
+                settles: vec![(QueueId(3), 80)],
                 body_size: 4,
             }))
         );
@@ -245,6 +339,10 @@ mod tests {
         assert_eq!(
             replay(&record),
             Some(Replayed::Ack(vec![(QueueId(1), 42), (QueueId(2), 43)]))
+        );
+        assert_eq!(
+            replay(&encode_requeue(&[(QueueId(4), 8)])),
+            Some(Replayed::Requeue(vec![(QueueId(4), 8)]))
         );
         assert_eq!(replay(&[9, 9, 9]), None);
         assert_eq!(replay(&[ACK, 0, 0, 0, 5, 1]), None);

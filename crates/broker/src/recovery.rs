@@ -17,6 +17,20 @@ use crate::record::{Replayed, replay};
 struct Recovered {
     entry: QueueEntry,
     acked: bool,
+    published_at: u64,
+    expiration: Option<u64>,
+}
+
+/// An entry as recovered, with what its expiry is computed from once the queue's TTL
+/// is known.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoveredEntry {
+    /// The entry (expiry not yet set).
+    pub entry: QueueEntry,
+    /// When the broker first took the message.
+    pub published_at: u64,
+    /// Its per-message TTL.
+    pub expiration: Option<u64>,
 }
 
 /// Collects replayed records.
@@ -32,6 +46,8 @@ impl Replay {
     pub fn visit(&mut self, position: LogPosition, payload: &[u8]) {
         match replay(payload) {
             Some(Replayed::Publish(header)) => {
+                // A dead-letter move removes the original in the same record.
+                self.settle(&header.settles);
                 if !header.persistent {
                     return;
                 }
@@ -45,21 +61,24 @@ impl Replay {
                     // it is conservatively marked: never served twice as fresh.
                     redelivered: true,
                     recoverable: true,
+                    delivery_count: 0,
+                    expires_at: u64::MAX,
                 };
                 for queue in header.durable_queues {
                     self.queues.entry(queue).or_default().push(Recovered {
                         entry,
                         acked: false,
+                        published_at: header.published_at,
+                        expiration: header.expiration,
                     });
                 }
             }
-            Some(Replayed::Ack(acks)) => {
-                for (queue, position) in acks {
-                    if let Some(entries) = self.queues.get_mut(&queue)
-                        && let Ok(index) =
-                            entries.binary_search_by_key(&position, |r| r.entry.message.position.0)
-                    {
-                        entries[index].acked = true;
+            Some(Replayed::Ack(acks)) => self.settle(&acks),
+            Some(Replayed::Requeue(requeues)) => {
+                for (queue, position) in requeues {
+                    if let Some(recovered) = self.find(queue, position) {
+                        recovered.entry.delivery_count =
+                            recovered.entry.delivery_count.saturating_add(1);
                     }
                 }
             }
@@ -67,15 +86,35 @@ impl Replay {
         }
     }
 
+    fn find(&mut self, queue: QueueId, position: u64) -> Option<&mut Recovered> {
+        let entries = self.queues.get_mut(&queue)?;
+        let index = entries
+            .binary_search_by_key(&position, |r| r.entry.message.position.0)
+            .ok()?;
+        entries.get_mut(index)
+    }
+
+    fn settle(&mut self, pairs: &[(QueueId, u64)]) {
+        for (queue, position) in pairs {
+            if let Some(recovered) = self.find(*queue, *position) {
+                recovered.acked = true;
+            }
+        }
+    }
+
     /// The surviving entries of each queue, in log order.
-    pub fn into_queues(self) -> HashMap<QueueId, Vec<QueueEntry>> {
+    pub fn into_queues(self) -> HashMap<QueueId, Vec<RecoveredEntry>> {
         self.queues
             .into_iter()
             .map(|(queue, entries)| {
                 let live = entries
                     .into_iter()
                     .filter(|r| !r.acked)
-                    .map(|r| r.entry)
+                    .map(|r| RecoveredEntry {
+                        entry: r.entry,
+                        published_at: r.published_at,
+                        expiration: r.expiration,
+                    })
                     .collect();
                 (queue, live)
             })
@@ -86,30 +125,47 @@ impl Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{encode_ack, encode_publish};
+    use crate::record::{NewPublish, encode_ack, encode_publish, encode_requeue};
+
+    fn publish(persistent: bool, queues: &[QueueId], settles: &[(QueueId, u64)]) -> Vec<u8> {
+        encode_publish(&NewPublish {
+            persistent,
+            published_at: 1000,
+            expiration: None,
+            exchange: "",
+            routing_key: "a",
+            durable_queues: queues,
+            settles,
+            properties: &[0, 0],
+            body: b"x",
+        })
+        .to_vec()
+    }
 
     #[test]
     fn acked_and_transient_messages_do_not_come_back() {
         let mut replay = Replay::default();
         let q1 = QueueId(1);
         let q2 = QueueId(2);
-        replay.visit(
-            LogPosition(8),
-            &encode_publish(true, "", "a", &[q1, q2], &[0, 0], b"x"),
-        );
-        replay.visit(
-            LogPosition(50),
-            &encode_publish(false, "", "a", &[], &[0, 0], b"y"),
-        );
-        replay.visit(
-            LogPosition(90),
-            &encode_publish(true, "", "a", &[q1], &[0, 0], b"z"),
-        );
+        let q3 = QueueId(3);
+        replay.visit(LogPosition(8), &publish(true, &[q1, q2], &[]));
+        replay.visit(LogPosition(50), &publish(false, &[], &[]));
+        replay.visit(LogPosition(90), &publish(true, &[q1], &[]));
         replay.visit(LogPosition(130), &encode_ack(&[(q1, 8)]));
+        replay.visit(LogPosition(150), &encode_requeue(&[(q1, 90)]));
+        replay.visit(LogPosition(170), &encode_requeue(&[(q1, 90)]));
+        // A dead-letter move of q2's copy into q3: one record, both effects.
+        replay.visit(LogPosition(200), &publish(true, &[q3], &[(q2, 8)]));
         let queues = replay.into_queues();
-        let positions =
-            |q| -> Vec<u64> { queues[&q].iter().map(|e| e.message.position.0).collect() };
+        let positions = |q| -> Vec<u64> {
+            queues
+                .get(&q)
+                .map(|entries| entries.iter().map(|e| e.entry.message.position.0).collect())
+                .unwrap_or_default()
+        };
         assert_eq!(positions(q1), vec![90]);
-        assert_eq!(positions(q2), vec![8]);
+        assert_eq!(queues[&q1][0].entry.delivery_count, 2);
+        assert_eq!(positions(q2), Vec::<u64>::new());
+        assert_eq!(positions(q3), vec![200]);
     }
 }

@@ -9,10 +9,12 @@ use holdfast_store::Store;
 use tracing::error;
 
 use crate::channel::{ChannelState, Unacked};
+use crate::dead_letter::DeathReason;
+use crate::enqueue::now_ms;
 use crate::exchange::{Destination, Exchange, ExchangeKind};
 use crate::outbound::Outbound;
 use crate::queue::{Queue, QueueEntry};
-use crate::record::encode_ack;
+use crate::record::{encode_ack, encode_requeue};
 use crate::{ChannelKey, ConnectionId, QueueId};
 
 /// A vhost's names.
@@ -65,8 +67,9 @@ pub struct ConnectionState {
 }
 
 /// Everything behind the broker lock.
-#[derive(Default)]
 pub struct State {
+    /// The log, for writing messages and reading them back when dead-lettering.
+    pub store: Store,
     /// Vhosts by name.
     pub vhosts: HashMap<String, VHost>,
     /// Queues by id.
@@ -79,6 +82,35 @@ pub struct State {
     pub next_queue_id: u64,
     /// Next connection id.
     pub next_connection_id: ConnectionId,
+    /// Ack timeout for deliveries of queues without `x-consumer-timeout`, ms.
+    pub consumer_timeout: u64,
+}
+
+impl State {
+    /// Empty state over `store`.
+    pub fn new(store: Store, consumer_timeout: u64) -> State {
+        State {
+            store,
+            vhosts: HashMap::new(),
+            queues: HashMap::new(),
+            connections: HashMap::new(),
+            channels: HashMap::new(),
+            next_queue_id: 0,
+            next_connection_id: 0,
+            consumer_timeout,
+        }
+    }
+}
+
+/// What becomes of deliveries taken off a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Acknowledged: gone.
+    Ack,
+    /// Returned to the queue (nack/reject with requeue, channel closed, recover).
+    Requeue,
+    /// Rejected without requeue: dead-lettered, or dropped without a DLX.
+    Reject,
 }
 
 /// Settlements that must reach the log: ack records for recoverable entries, and
@@ -87,6 +119,7 @@ pub struct State {
 pub struct Settlements<'a> {
     store: &'a Store,
     acks: Vec<(QueueId, u64)>,
+    requeues: Vec<(QueueId, u64)>,
     releases: Vec<holdfast_store::LogPosition>,
 }
 
@@ -96,6 +129,7 @@ impl<'a> Settlements<'a> {
         Self {
             store,
             acks: Vec::new(),
+            requeues: Vec::new(),
             releases: Vec::new(),
         }
     }
@@ -106,6 +140,19 @@ impl<'a> Settlements<'a> {
     /// its segment deleted before a stale delivery event of the first channel is read.
     pub fn pin(&mut self, position: holdfast_store::LogPosition) {
         self.store.retain(position);
+    }
+
+    /// Drops a reference without any record (the removal is logged elsewhere, or the
+    /// entry was never recoverable).
+    pub fn release(&mut self, position: holdfast_store::LogPosition) {
+        self.releases.push(position);
+    }
+
+    /// Records a failed delivery of a recoverable entry, so its count survives restarts.
+    pub fn count_requeue(&mut self, queue: QueueId, entry: &QueueEntry) {
+        if entry.recoverable {
+            self.requeues.push((queue, entry.message.position.0));
+        }
     }
 
     /// Records that `queue` no longer holds `entry`.
@@ -128,6 +175,11 @@ impl<'a> Settlements<'a> {
     /// back marked redelivered, which at-least-once delivery allows.
     pub fn apply(self) {
         let store = self.store;
+        if !self.requeues.is_empty()
+            && let Err(err) = store.append(&encode_requeue(&self.requeues), 0)
+        {
+            error!(cause = %err, "requeue record could not be written");
+        }
         if !self.acks.is_empty()
             && let Err(err) = store.append(&encode_ack(&self.acks), 0)
         {
@@ -140,16 +192,24 @@ impl<'a> Settlements<'a> {
 }
 
 impl State {
-    /// Delivers ready messages of `queue_id` to consumers with credit, round-robin.
+    /// Delivers ready messages of `queue_id` to consumers with credit, round-robin (or
+    /// only to the first consumer, for a single-active-consumer queue). Expired heads
+    /// are dead-lettered on the way, never delivered.
     pub fn dispatch(&mut self, queue_id: QueueId, settlements: &mut Settlements<'_>) {
-        let Some(queue) = self.queues.get_mut(&queue_id) else {
-            return;
-        };
-        let count = queue.consumers.len();
-        if count == 0 {
-            return;
-        }
-        while !queue.ready.is_empty() {
+        let now = now_ms();
+        loop {
+            self.expire_head(queue_id, now, settlements);
+            let Some(queue) = self.queues.get_mut(&queue_id) else {
+                return;
+            };
+            if queue.ready.is_empty() || queue.consumers.is_empty() {
+                return;
+            }
+            let count = if queue.policy.single_active_consumer {
+                1
+            } else {
+                queue.consumers.len()
+            };
             let chosen = (0..count)
                 .map(|i| (queue.cursor + i) % count)
                 .find(|&index| {
@@ -161,15 +221,15 @@ impl State {
                             .is_some_and(ChannelState::can_deliver)
                 });
             let Some(index) = chosen else {
-                break;
+                return;
             };
             queue.cursor = (index + 1) % count;
             let Some(entry) = queue.pop() else {
-                break;
+                return;
             };
             let consumer = &mut queue.consumers[index];
             let Some(channel) = self.channels.get_mut(&consumer.channel) else {
-                break;
+                return;
             };
             let delivery_tag = channel.next_delivery_tag();
             if consumer.no_ack {
@@ -184,6 +244,7 @@ impl State {
                         queue: queue_id,
                         entry,
                         consumer_tag: Some(consumer.tag.clone()),
+                        delivered_at: now,
                     },
                 );
             }
@@ -192,6 +253,7 @@ impl State {
                 consumer_tag: consumer.tag.clone(),
                 delivery_tag,
                 redelivered: entry.redelivered,
+                delivery_count: entry.delivery_count,
                 message: entry.message,
             };
             let sent = self
@@ -224,7 +286,7 @@ impl State {
         &mut self,
         channel: ChannelKey,
         deliveries: Vec<(u64, Unacked)>,
-        requeue: bool,
+        disposition: Disposition,
         settlements: &mut Settlements<'_>,
     ) -> HashSet<QueueId> {
         let mut touched = HashSet::new();
@@ -243,12 +305,38 @@ impl State {
             {
                 consumer.unacked = consumer.unacked.saturating_sub(1);
             }
-            if requeue {
-                queue.requeue(unacked.entry);
+            touched.insert(unacked.queue);
+            if disposition == Disposition::Ack {
+                settlements.settle(unacked.queue, &unacked.entry);
+            } else if disposition == Disposition::Requeue {
+                let mut entry = unacked.entry;
+                entry.delivery_count = entry.delivery_count.saturating_add(1);
+                if queue
+                    .policy
+                    .delivery_limit
+                    .is_some_and(|limit| entry.delivery_count > limit)
+                {
+                    self.dead_letter(
+                        unacked.queue,
+                        entry,
+                        DeathReason::DeliveryLimit,
+                        settlements,
+                    );
+                } else {
+                    settlements.count_requeue(unacked.queue, &entry);
+                    queue.requeue(entry);
+                }
+            } else if queue.policy.dead_letter_exchange.is_some() {
+                self.dead_letter(
+                    unacked.queue,
+                    unacked.entry,
+                    DeathReason::Rejected,
+                    settlements,
+                );
             } else {
+                queue.stats.count_death(DeathReason::Rejected);
                 settlements.settle(unacked.queue, &unacked.entry);
             }
-            touched.insert(unacked.queue);
         }
         touched
     }

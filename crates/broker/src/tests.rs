@@ -9,21 +9,19 @@ use holdfast_store::{FsyncPolicy, StoreConfig};
 use proptest::prelude::*;
 
 use crate::{
-    Broker, BrokerConfig, ChannelKey, ConnectionId, ConsumeRequest, Outbound, PublishRequest,
-    QueueDeclare, ReplyCode,
+    Broker, BrokerConfig, ChannelKey, ConnectionId, ConsumeRequest, Disposition, Outbound,
+    PublishRequest, QueueDeclare, ReplyCode,
 };
 
 /// Raw basic properties with no field set.
 const NO_PROPERTIES: &[u8] = &[0, 0];
 
 fn open(dir: &std::path::Path) -> Arc<Broker> {
-    Broker::open(BrokerConfig {
-        store: StoreConfig {
-            dir: dir.to_owned(),
-            segment_size: 64 * 1024,
-            fsync: FsyncPolicy::Never,
-        },
-    })
+    Broker::open(BrokerConfig::new(StoreConfig {
+        dir: dir.to_owned(),
+        segment_size: 64 * 1024,
+        fsync: FsyncPolicy::Never,
+    }))
     .expect("broker opens")
 }
 
@@ -53,6 +51,7 @@ fn publish(broker: &Broker, connection: ConnectionId, queue: &str, id: u32, pers
                 headers: None,
                 properties: Bytes::from_static(NO_PROPERTIES),
                 body: Bytes::copy_from_slice(&id.to_be_bytes()),
+                expiration: None,
             },
         )
         .expect("publish");
@@ -117,7 +116,9 @@ fn dispatch_respects_prefetch_and_requeues_in_order() {
         .collect();
     assert_eq!(delivered, vec![(1, 0, false), (2, 1, false)]);
     // Reject 1 with requeue: it goes back in front of 2, 3, 4 and comes right back.
-    broker.basic_settle(key, 1, false, true).expect("nack");
+    broker
+        .basic_settle(key, 1, false, Disposition::Requeue)
+        .expect("nack");
     let next: Vec<(u32, bool)> = events
         .lock()
         .expect("events")
@@ -133,7 +134,7 @@ fn dispatch_respects_prefetch_and_requeues_in_order() {
         .collect();
     assert_eq!(next, vec![(0, true)]);
     let unknown = broker
-        .basic_settle(key, 99, false, false)
+        .basic_settle(key, 99, false, Disposition::Ack)
         .expect_err("unknown tag");
     assert_eq!(unknown.code, ReplyCode::PreconditionFailed);
 }
@@ -198,11 +199,11 @@ proptest! {
                 }
                 Op::Ack(index) if !unacked.is_empty() => {
                     let (tag, _) = unacked.remove(index % unacked.len());
-                    broker.basic_settle(key, tag, false, false).expect("ack");
+                    broker.basic_settle(key, tag, false, Disposition::Ack).expect("ack");
                 }
                 Op::Reject { index, requeue } if !unacked.is_empty() => {
                     let (tag, id) = unacked.remove(index % unacked.len());
-                    broker.basic_settle(key, tag, false, requeue).expect("reject");
+                    broker.basic_settle(key, tag, false, if requeue { Disposition::Requeue } else { Disposition::Reject }).expect("reject");
                     if requeue {
                         ready.insert(id);
                     }

@@ -40,6 +40,10 @@ pub struct ServerArgs {
     /// Heartbeat offered to clients, in seconds; 0 disables [default: 60].
     #[arg(long, env = "HOLDFAST_HEARTBEAT")]
     pub heartbeat: Option<u16>,
+    /// Milliseconds a delivery may stay unacknowledged before its channel is closed
+    /// with 406 (queues may set x-consumer-timeout) [default: 1800000].
+    #[arg(long, env = "HOLDFAST_CONSUMER_TIMEOUT")]
+    pub consumer_timeout: Option<u64>,
 }
 
 /// The configuration file's layout; every key optional.
@@ -54,6 +58,7 @@ struct FileConfig {
     frame_max: Option<u32>,
     channel_max: Option<u16>,
     heartbeat: Option<u16>,
+    consumer_timeout: Option<u64>,
     users: Option<Vec<User>>,
 }
 
@@ -64,6 +69,7 @@ pub struct Config {
     pub amqp_listen: SocketAddr,
     pub fsync: FsyncPolicy,
     pub segment_size: u64,
+    pub consumer_timeout: Duration,
     pub server: ServerConfig,
 }
 
@@ -90,6 +96,8 @@ pub enum ConfigError {
     NoChannels,
     #[error("no users configured: nobody could log in")]
     NoUsers,
+    #[error("consumer_timeout must be at least 1 ms")]
+    ZeroConsumerTimeout,
 }
 
 impl Config {
@@ -133,6 +141,11 @@ impl Config {
                 .segment_size
                 .or(file.segment_size)
                 .unwrap_or(holdfast_store::DEFAULT_SEGMENT_SIZE),
+            consumer_timeout: Duration::from_millis(
+                args.consumer_timeout
+                    .or(file.consumer_timeout)
+                    .unwrap_or(30 * 60 * 1000),
+            ),
             server: ServerConfig {
                 frame_max: args
                     .frame_max
@@ -165,6 +178,9 @@ impl Config {
         }
         if self.server.channel_max == 0 {
             return Err(ConfigError::NoChannels);
+        }
+        if self.consumer_timeout.is_zero() {
+            return Err(ConfigError::ZeroConsumerTimeout);
         }
         if self.server.users.is_empty() {
             return Err(ConfigError::NoUsers);

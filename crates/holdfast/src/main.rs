@@ -30,14 +30,22 @@ struct Cli {
 enum Command {
     /// Run the broker (single node; embedded default with no arguments).
     Server(ServerArgs),
+    /// Load-test an AMQP 0-9-1 broker (this one or any other) by URL.
+    Bench(holdfast_bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // lapin logs a spurious error when a broker closes the socket right after
+    // connection.close-ok; the bench reports its own errors.
+    let default_filter = match cli.command {
+        Command::Server(_) => "info",
+        Command::Bench(_) => "warn,lapin=off",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -50,6 +58,13 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(run_server(config))
         }
+        Command::Bench(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(holdfast_bench::run(args))?;
+            Ok(())
+        }
     }
 }
 
@@ -61,6 +76,7 @@ async fn run_server(config: Config) -> anyhow::Result<()> {
             segment_size: config.segment_size,
             fsync: config.fsync,
         },
+        consumer_timeout: config.consumer_timeout,
     })
     .with_context(|| format!("cannot open data directory {}", config.data_dir.display()))?;
     let listener = TcpListener::bind(config.amqp_listen)

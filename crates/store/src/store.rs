@@ -151,6 +151,18 @@ impl Store {
         let log_dir = dir.join(LOG_DIR);
         fs.create_dir_all(&log_dir)
             .map_err(StoreError::io(format!("creating {}", log_dir.display())))?;
+        // A directory just created survives power loss only once its parent is fsynced:
+        // make `log` durable in `dir`, and `dir` in its parent, before anything written
+        // under them is confirmed. (Ancestors above `dir` that `create_dir_all` created
+        // are the operator's to make durable.)
+        let parent = match dir.parent() {
+            Some(parent) if parent.as_os_str().is_empty() => Some(Path::new(".")),
+            other => other,
+        };
+        for synced in std::iter::once(dir.as_path()).chain(parent) {
+            fs.sync_dir(synced)
+                .map_err(StoreError::io(format!("syncing {}", synced.display())))?;
+        }
         let lock_path = dir.join(LOCK_FILE);
         let lock = fs
             .try_lock(&lock_path)

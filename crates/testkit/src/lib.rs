@@ -83,6 +83,24 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// Waits up to `timeout` for the process to exit on its own; its status, or `None` if
+    /// it is still running.
+    ///
+    /// # Panics
+    /// When the process cannot be polled.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the server process") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGTERM, and waits for the exit.
     ///
     /// # Panics

@@ -1,6 +1,5 @@
 //! The basic class: qos, consume, cancel, publish, get, acknowledgements, recover.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::{
@@ -8,10 +7,10 @@ use super::{
     not_found_queue, random_suffix,
 };
 use crate::channel::Unacked;
+use crate::enqueue::{Message, RouteError, now_ms};
 use crate::error::{AmqpException, AmqpResult, ReplyCode};
-use crate::exchange::Destination;
-use crate::queue::{Consumer, MessageRef, QueueEntry};
-use crate::record::encode_publish;
+use crate::queue::Consumer;
+use crate::state::Disposition;
 use crate::state::Settlements;
 use crate::{ChannelKey, ConnectionId, QueueId};
 
@@ -86,6 +85,7 @@ impl Broker {
             unacked: 0,
         });
         queue.had_consumer = true;
+        queue.last_used = now_ms();
         if let Some(channel) = state.channels.get_mut(&key) {
             channel.consumers.insert(tag.clone(), queue_id);
         }
@@ -127,113 +127,55 @@ impl Broker {
         request: &PublishRequest,
     ) -> AmqpResult<PublishOutcome> {
         let mut state = self.state.lock();
-        let vhost_name = Self::vhost_of(&state, connection)?;
-        let vhost = state
-            .vhosts
-            .get(&vhost_name)
-            .ok_or_else(|| not_found_exchange(&request.exchange, &vhost_name))?;
-        let mut targets: Vec<QueueId> = Vec::new();
-        if request.exchange.is_empty() {
-            if let Some(id) = vhost.queues.get(&request.routing_key) {
-                targets.push(*id);
-            }
-        } else {
-            let exchange = vhost
-                .exchanges
-                .get(&request.exchange)
-                .ok_or_else(|| not_found_exchange(&request.exchange, &vhost_name))?;
-            if exchange.internal {
-                return Err(AmqpException::channel(
+        let vhost = Self::vhost_of(&state, connection)?;
+        let targets = state
+            .route(
+                &vhost,
+                &request.exchange,
+                &request.routing_key,
+                request.headers.as_ref(),
+            )
+            .map_err(|err| match err {
+                RouteError::NoExchange => not_found_exchange(&request.exchange, &vhost),
+                RouteError::Internal => AmqpException::channel(
                     ReplyCode::AccessRefused,
                     format!(
-                        "cannot publish to internal exchange '{}' in vhost '{vhost_name}'",
+                        "cannot publish to internal exchange '{}' in vhost '{vhost}'",
                         request.exchange
                     ),
-                ));
-            }
-            let mut visited: HashSet<&str> = HashSet::new();
-            let mut pending = vec![exchange];
-            let mut destinations = HashSet::new();
-            let mut seen_queues = HashSet::new();
-            while let Some(exchange) = pending.pop() {
-                if !visited.insert(exchange.name.as_str()) {
-                    continue;
-                }
-                destinations.clear();
-                exchange.route(
-                    &request.routing_key,
-                    request.headers.as_ref(),
-                    &mut destinations,
-                );
-                for destination in &destinations {
-                    match destination {
-                        Destination::Queue(id) => {
-                            if seen_queues.insert(*id) {
-                                targets.push(*id);
-                            }
-                        }
-                        Destination::Exchange(name) => {
-                            if let Some(next) = vhost.exchanges.get(name) {
-                                pending.push(next);
-                            }
-                        }
-                    }
-                }
-            }
-            targets.sort_unstable();
-        }
-        targets.retain(|id| state.queues.contains_key(id));
+                ),
+            })?;
         if targets.is_empty() {
             return Ok(PublishOutcome {
                 routed: false,
+                rejected: false,
                 durable_end: None,
             });
         }
-        let durable_queues: Vec<QueueId> = if request.persistent {
-            targets
-                .iter()
-                .copied()
-                .filter(|id| state.queues.get(id).is_some_and(|q| q.durable))
-                .collect()
-        } else {
-            Vec::new()
+        let message = Message {
+            exchange: &request.exchange,
+            routing_key: &request.routing_key,
+            persistent: request.persistent,
+            headers: request.headers.as_ref(),
+            properties: &request.properties,
+            body: &request.body,
+            expiration: request.expiration,
+            published_at: now_ms(),
         };
-        let record = encode_publish(
-            request.persistent,
-            &request.exchange,
-            &request.routing_key,
-            &durable_queues,
-            &request.properties,
-            &request.body,
-        );
-        let refs = u32::try_from(targets.len()).unwrap_or(u32::MAX);
-        let appended = self.store.append(&record, refs).map_err(|err| {
-            AmqpException::connection(
-                ReplyCode::InternalError,
-                format!("message store failed: {err}"),
-            )
-        })?;
-        let body_size = u32::try_from(request.body.len()).unwrap_or(u32::MAX);
         let mut settlements = Settlements::new(&self.store);
-        for id in &targets {
-            let recoverable = durable_queues.contains(id);
-            if let Some(queue) = state.queues.get_mut(id) {
-                queue.push(QueueEntry {
-                    message: MessageRef {
-                        position: appended.position,
-                        len: appended.len,
-                    },
-                    body_size,
-                    redelivered: false,
-                    recoverable,
-                });
-            }
-            state.dispatch(*id, &mut settlements);
-        }
+        let enqueued = state
+            .enqueue(&message, &targets, &[], &mut settlements)
+            .map_err(|err| {
+                AmqpException::connection(
+                    ReplyCode::InternalError,
+                    format!("message store failed: {err}"),
+                )
+            })?;
         settlements.apply();
         Ok(PublishOutcome {
             routed: true,
-            durable_end: (!durable_queues.is_empty()).then_some(appended.end),
+            rejected: enqueued.rejected,
+            durable_end: enqueued.durable_end,
         })
     }
 
@@ -250,9 +192,13 @@ impl Broker {
         let mut state = self.state.lock();
         let vhost_name = Self::vhost_of(&state, key.connection)?;
         let queue_id = Self::queue_id(&state, key.connection, &vhost_name, queue)?;
+        let mut settlements = Settlements::new(&self.store);
+        state.expire_head(queue_id, now_ms(), &mut settlements);
+        settlements.apply();
         let Some(queue) = state.queues.get_mut(&queue_id) else {
             return Err(not_found_queue(queue, &vhost_name));
         };
+        queue.last_used = now_ms();
         let Some(entry) = queue.pop() else {
             return Ok(None);
         };
@@ -275,6 +221,7 @@ impl Broker {
                     queue: queue_id,
                     entry,
                     consumer_tag: None,
+                    delivered_at: now_ms(),
                 },
             );
         }
@@ -282,6 +229,7 @@ impl Broker {
             delivery_tag,
             redelivered: entry.redelivered,
             message_count,
+            delivery_count: entry.delivery_count,
             message: entry.message,
             release_after_read: no_ack,
         }))
@@ -297,7 +245,7 @@ impl Broker {
         key: ChannelKey,
         delivery_tag: u64,
         multiple: bool,
-        requeue: bool,
+        disposition: Disposition,
     ) -> AmqpResult<()> {
         let mut state = self.state.lock();
         let Some(channel) = state.channels.get_mut(&key) else {
@@ -315,7 +263,7 @@ impl Broker {
                 )
             })?;
         let mut settlements = Settlements::new(&self.store);
-        let touched = state.finish_deliveries(key, deliveries, requeue, &mut settlements);
+        let touched = state.finish_deliveries(key, deliveries, disposition, &mut settlements);
         for queue in touched {
             state.dispatch(queue, &mut settlements);
         }
@@ -333,7 +281,8 @@ impl Broker {
             .map(|c| std::mem::take(&mut c.unacked).into_iter().collect())
             .unwrap_or_default();
         let mut settlements = Settlements::new(&self.store);
-        let touched = state.finish_deliveries(key, deliveries, true, &mut settlements);
+        let touched =
+            state.finish_deliveries(key, deliveries, Disposition::Requeue, &mut settlements);
         for queue in touched {
             state.dispatch(queue, &mut settlements);
         }

@@ -11,6 +11,7 @@ mod queues;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use holdfast_codec::{AMQPValue, FieldTable};
@@ -22,11 +23,13 @@ use tracing::{info, warn};
 
 use crate::channel::ChannelState;
 use crate::definitions::Definitions;
+use crate::enqueue::{expiry, now_ms};
 use crate::error::{AmqpException, AmqpResult, BrokerError, ReplyCode};
+use crate::outbound::Outbound;
 use crate::queue::MessageRef;
 use crate::record::{StoredMessage, decode_message};
 use crate::recovery::Replay;
-use crate::state::{ConnectionState, Settlements, State, VHost};
+use crate::state::{ConnectionState, Disposition, Settlements, State, VHost};
 use crate::{ChannelKey, ConnectionId, DEFAULT_VHOST, OutboundSink, QueueId};
 
 /// How to open the broker.
@@ -34,6 +37,26 @@ use crate::{ChannelKey, ConnectionId, DEFAULT_VHOST, OutboundSink, QueueId};
 pub struct BrokerConfig {
     /// The store's configuration.
     pub store: StoreConfig,
+    /// How long a delivery may stay unacknowledged before its channel is closed with
+    /// 406, for queues without `x-consumer-timeout`.
+    pub consumer_timeout: Duration,
+}
+
+/// RabbitMQ's default consumer ack timeout.
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// How often expiry, `x-expires` and ack timeouts are checked.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+
+impl BrokerConfig {
+    /// Defaults for everything but the store.
+    #[must_use]
+    pub fn new(store: StoreConfig) -> Self {
+        Self {
+            store,
+            consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
+        }
+    }
 }
 
 /// `queue.declare` arguments.
@@ -92,13 +115,17 @@ pub struct PublishRequest {
     pub properties: Bytes,
     /// Body.
     pub body: Bytes,
+    /// Per-message TTL from the `expiration` property, ms.
+    pub expiration: Option<u64>,
 }
 
 /// What became of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishOutcome {
-    /// Whether at least one queue took it.
+    /// Whether at least one queue was routed to.
     pub routed: bool,
+    /// A full queue with `reject-publish(-dlx)` refused it: confirm with a nack.
+    pub rejected: bool,
     /// Log offset that must be durable before a confirm may be sent; `None` when no
     /// queue must recover the message (transient or unroutable).
     pub durable_end: Option<u64>,
@@ -113,6 +140,8 @@ pub struct GetOk {
     pub redelivered: bool,
     /// Ready messages left in the queue.
     pub message_count: u32,
+    /// Failed deliveries so far; sent as `x-delivery-count` when non-zero.
+    pub delivery_count: u32,
     /// The stored message.
     pub message: MessageRef,
     /// Settled already (no-ack): release the reference after reading.
@@ -198,7 +227,7 @@ impl Broker {
     /// When the store cannot be opened or the definitions cannot be read.
     pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
         let mut replay = Replay::default();
-        let store = Store::open(config.store, |position, payload| {
+        let store = Store::open(config.store.clone(), |position, payload| {
             replay.visit(position, payload)
         })?;
         if replay.unknown_records > 0 {
@@ -207,7 +236,9 @@ impl Broker {
                 "log records of an unknown kind skipped"
             );
         }
-        let mut state = State::default();
+        let consumer_timeout =
+            u64::try_from(config.consumer_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut state = State::new(store.clone(), consumer_timeout);
         state
             .vhosts
             .insert(DEFAULT_VHOST.to_owned(), VHost::with_builtin_exchanges());
@@ -221,7 +252,13 @@ impl Broker {
             let Some(queue) = state.queues.get_mut(&queue_id) else {
                 continue;
             };
-            for entry in entries {
+            for recovered in entries {
+                let mut entry = recovered.entry;
+                entry.expires_at = expiry(
+                    recovered.published_at,
+                    queue.policy.message_ttl,
+                    recovered.expiration,
+                );
                 store.retain(entry.message.position);
                 queue.push(entry);
                 recovered_messages += 1;
@@ -233,10 +270,84 @@ impl Broker {
             messages = recovered_messages,
             "broker state recovered"
         );
-        Ok(Arc::new(Broker {
+        let broker = Arc::new(Broker {
             state: Mutex::new(state),
             store,
-        }))
+        });
+        let weak = Arc::downgrade(&broker);
+        std::thread::Builder::new()
+            .name("holdfast-housekeeping".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(HOUSEKEEPING_INTERVAL);
+                    let Some(broker) = weak.upgrade() else { break };
+                    broker.housekeeping(now_ms());
+                }
+            })
+            .map_err(|source| BrokerError::Thread { source })?;
+        Ok(broker)
+    }
+
+    /// Time-driven work: expires messages at queue heads, deletes queues unused for
+    /// their `x-expires`, closes channels whose deliveries outlived the ack timeout.
+    pub fn housekeeping(&self, now: u64) {
+        let mut state = self.state.lock();
+        let mut settlements = Settlements::new(&self.store);
+        let queue_ids: Vec<QueueId> = state.queues.keys().copied().collect();
+        let mut definitions_changed = false;
+        for id in queue_ids {
+            state.expire_head(id, now, &mut settlements);
+            let Some(queue) = state.queues.get(&id) else {
+                continue;
+            };
+            let unused_for = now.saturating_sub(queue.last_used);
+            if queue.consumers.is_empty() && queue.policy.expires.is_some_and(|ms| unused_for >= ms)
+            {
+                definitions_changed |= queue.durable && queue.exclusive_owner.is_none();
+                info!(queue = %queue.name, vhost = %queue.vhost, "queue expired (x-expires)");
+                state.delete_queue(id, &mut settlements);
+            }
+        }
+        if definitions_changed {
+            let _ = self.persist_definitions(&state);
+        }
+        let overdue: Vec<(ChannelKey, u64)> = state
+            .channels
+            .iter()
+            .filter_map(|(key, channel)| {
+                channel.unacked.values().find_map(|unacked| {
+                    let timeout = state
+                        .queues
+                        .get(&unacked.queue)
+                        .and_then(|q| q.policy.consumer_timeout)
+                        .unwrap_or(state.consumer_timeout);
+                    (now.saturating_sub(unacked.delivered_at) > timeout).then_some((*key, timeout))
+                })
+            })
+            .collect();
+        for (key, timeout) in overdue {
+            warn!(
+                connection = key.connection,
+                channel = key.channel,
+                timeout_ms = timeout,
+                "consumer ack timeout; closing channel"
+            );
+            let touched = self.close_channel_locked(&mut state, key, &mut settlements);
+            if let Some(connection) = state.connections.get(&key.connection) {
+                (connection.outbound)(Outbound::CloseChannel {
+                    channel: key.channel,
+                    code: ReplyCode::PreconditionFailed,
+                    text: format!(
+                        "delivery acknowledgement on channel {} timed out. Timeout value used: {timeout} ms. This timeout value can be configured, see consumers doc guide to learn more",
+                        key.channel
+                    ),
+                });
+            }
+            for queue in touched {
+                state.dispatch(queue, &mut settlements);
+            }
+        }
+        settlements.apply();
     }
 
     /// The store, for reading message bodies and awaiting durability.
@@ -378,7 +489,7 @@ impl Broker {
         if let Some(connection) = state.connections.get_mut(&key.connection) {
             connection.channels.remove(&key.channel);
         }
-        let mut touched = state.finish_deliveries(key, unacked, true, settlements);
+        let mut touched = state.finish_deliveries(key, unacked, Disposition::Requeue, settlements);
         let mut definitions_changed = false;
         for queue in auto_deleted {
             definitions_changed |= state.queues.get(&queue).is_some_and(|q| q.durable);

@@ -1,13 +1,13 @@
 //! Queue declaration, bindings, purge and deletion.
 
-use std::collections::VecDeque;
-
 use holdfast_codec::FieldTable;
 
 use super::{
     Broker, QueueDeclare, QueueDeclareOk, default_exchange_refused, inequivalent, locked,
     not_found_exchange, not_found_queue, random_suffix, x_arguments,
 };
+use crate::arguments::QueuePolicy;
+use crate::enqueue::now_ms;
 use crate::error::{AmqpException, AmqpResult, ReplyCode};
 use crate::exchange::{Binding, Destination};
 use crate::queue::Queue;
@@ -40,8 +40,10 @@ impl Broker {
         if let Some(id) = existing {
             let queue = state
                 .queues
-                .get(&id)
+                .get_mut(&id)
                 .ok_or_else(|| not_found_queue(&name, &vhost_name))?;
+            // A declaration counts as use for `x-expires`, as in RabbitMQ.
+            queue.last_used = now_ms();
             if queue
                 .exclusive_owner
                 .is_some_and(|owner| owner != connection)
@@ -99,24 +101,22 @@ impl Broker {
                 format!("queue name '{name}' contains reserved prefix 'amq.*'"),
             ));
         }
+        let policy = QueuePolicy::parse(&request.arguments, &name, &vhost_name)?;
         let id = QueueId(state.next_queue_id.max(1));
         state.next_queue_id = id.0 + 1;
         state.queues.insert(
             id,
-            Queue {
+            Queue::new(
                 id,
-                name: name.clone(),
-                vhost: vhost_name.clone(),
-                durable: request.durable,
-                exclusive_owner: request.exclusive.then_some(connection),
-                auto_delete: request.auto_delete,
-                arguments: request.arguments,
-                ready: VecDeque::new(),
-                ready_bytes: 0,
-                consumers: Vec::new(),
-                cursor: 0,
-                had_consumer: false,
-            },
+                name.clone(),
+                vhost_name.clone(),
+                request.durable,
+                request.exclusive.then_some(connection),
+                request.auto_delete,
+                request.arguments,
+                policy,
+                now_ms(),
+            ),
         );
         if let Some(vhost) = state.vhosts.get_mut(&vhost_name) {
             vhost.queues.insert(name.clone(), id);

@@ -2,10 +2,13 @@
 //! and by raw bytes over TCP.
 
 mod bad_input;
+mod bench;
 mod confirms_tx;
 mod consumers;
+mod dead_letter;
 mod durability;
 mod java_seeds;
+mod power_loss;
 mod protocol;
 mod queues;
 mod raw;

@@ -1,0 +1,428 @@
+//! The message path inside the broker lock: routing, writing a message once, enqueueing
+//! it everywhere it goes, length limits, expiry and dead-lettering. Client publishes and
+//! dead-letter moves take the same path, so a dead-lettered copy obeys the target
+//! queues' limits and TTLs like any other message.
+
+use std::collections::HashSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use holdfast_codec::{FieldTable, decode_properties, encode_properties};
+use holdfast_store::StoreError;
+use tracing::{debug, warn};
+
+use crate::QueueId;
+use crate::arguments::Overflow;
+use crate::dead_letter::{Death, DeathReason, is_cycle, record_death, routing_keys};
+use crate::exchange::Destination;
+use crate::queue::{MessageRef, QueueEntry};
+use crate::record::{NewPublish, decode_message, encode_publish};
+use crate::state::{Settlements, State};
+
+/// Milliseconds since the UNIX epoch: TTLs are wall-clock, so they survive restarts.
+#[must_use]
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// When an entry expires: the earlier of the queue's and the message's TTL, counted
+/// from when the broker took the message. `u64::MAX` is never.
+#[must_use]
+pub fn expiry(published_at: u64, queue_ttl: Option<u64>, message_ttl: Option<u64>) -> u64 {
+    match (queue_ttl, message_ttl) {
+        (None, None) => u64::MAX,
+        (Some(ttl), None) | (None, Some(ttl)) => published_at.saturating_add(ttl),
+        (Some(a), Some(b)) => published_at.saturating_add(a.min(b)),
+    }
+}
+
+/// A message on its way into queues.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    /// Exchange it is published to.
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+    /// delivery-mode 2.
+    pub persistent: bool,
+    /// Headers (for headers exchanges and dead-letter bookkeeping).
+    pub headers: Option<&'a FieldTable>,
+    /// Raw basic properties.
+    pub properties: &'a [u8],
+    /// Body.
+    pub body: &'a [u8],
+    /// Per-message TTL (`expiration` property), ms.
+    pub expiration: Option<u64>,
+    /// When the broker took it, ms since the UNIX epoch.
+    pub published_at: u64,
+}
+
+/// Routing failed in a way the publisher must hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// The exchange does not exist.
+    NoExchange,
+    /// The exchange is internal.
+    Internal,
+}
+
+/// What became of a message offered to queues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// At least one queue took it.
+    pub stored: bool,
+    /// A full queue with `reject-publish(-dlx)` refused it: the publisher gets a nack.
+    pub rejected: bool,
+    /// Log offset to be durable before a confirm.
+    pub durable_end: Option<u64>,
+}
+
+impl State {
+    /// The queues a message reaches from `exchange` (exchange-to-exchange bindings
+    /// followed, each queue once, cycles harmless), in id order.
+    ///
+    /// # Errors
+    /// [`RouteError`] for a missing or internal exchange.
+    pub fn route(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+    ) -> Result<Vec<QueueId>, RouteError> {
+        let Some(vhost) = self.vhosts.get(vhost) else {
+            return Err(RouteError::NoExchange);
+        };
+        let mut targets = Vec::new();
+        if exchange.is_empty() {
+            if let Some(id) = vhost.queues.get(routing_key) {
+                targets.push(*id);
+            }
+            return Ok(targets);
+        }
+        let first = vhost
+            .exchanges
+            .get(exchange)
+            .ok_or(RouteError::NoExchange)?;
+        if first.internal {
+            return Err(RouteError::Internal);
+        }
+        let mut visited: HashSet<&str> = HashSet::new();
+        let mut pending = vec![first];
+        let mut destinations = HashSet::new();
+        let mut seen = HashSet::new();
+        while let Some(exchange) = pending.pop() {
+            if !visited.insert(exchange.name.as_str()) {
+                continue;
+            }
+            destinations.clear();
+            exchange.route(routing_key, headers, &mut destinations);
+            for destination in &destinations {
+                match destination {
+                    Destination::Queue(id) => {
+                        if self.queues.contains_key(id) && seen.insert(*id) {
+                            targets.push(*id);
+                        }
+                    }
+                    Destination::Exchange(name) => {
+                        if let Some(next) = vhost.exchanges.get(name) {
+                            pending.push(next);
+                        }
+                    }
+                }
+            }
+        }
+        targets.sort_unstable();
+        Ok(targets)
+    }
+
+    /// Writes `message` once and enqueues it in `targets` (those with room), settling
+    /// `settles` in the same record. Full queues apply their overflow rule.
+    ///
+    /// # Errors
+    /// When the store cannot take the write.
+    pub fn enqueue(
+        &mut self,
+        message: &Message<'_>,
+        targets: &[QueueId],
+        settles: &[(QueueId, u64)],
+        settlements: &mut Settlements<'_>,
+    ) -> Result<Enqueued, StoreError> {
+        let body_size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
+        let mut outcome = Enqueued::default();
+        let mut accepted = Vec::with_capacity(targets.len());
+        let mut refused_to_dead_letter = Vec::new();
+        for id in targets {
+            let Some(queue) = self.queues.get_mut(id) else {
+                continue;
+            };
+            if queue.policy.overflow != Overflow::DropHead && queue.is_full_for(body_size) {
+                outcome.rejected = true;
+                queue.stats.refused += 1;
+                if queue.policy.overflow == Overflow::RejectPublishDlx {
+                    refused_to_dead_letter.push(*id);
+                }
+                continue;
+            }
+            accepted.push(*id);
+        }
+        if !accepted.is_empty() || !settles.is_empty() {
+            let durable_queues: Vec<QueueId> = if message.persistent {
+                accepted
+                    .iter()
+                    .copied()
+                    .filter(|id| self.queues.get(id).is_some_and(|q| q.durable))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let record = encode_publish(&NewPublish {
+                persistent: message.persistent,
+                published_at: message.published_at,
+                expiration: message.expiration,
+                exchange: message.exchange,
+                routing_key: message.routing_key,
+                durable_queues: &durable_queues,
+                settles,
+                properties: message.properties,
+                body: message.body,
+            });
+            let refs = u32::try_from(accepted.len()).unwrap_or(u32::MAX);
+            let appended = self.store.append(&record, refs)?;
+            outcome.stored = !accepted.is_empty();
+            if !durable_queues.is_empty() {
+                outcome.durable_end = Some(appended.end);
+            }
+            for id in &accepted {
+                let recoverable = durable_queues.contains(id);
+                if let Some(queue) = self.queues.get_mut(id) {
+                    let expires_at = expiry(
+                        message.published_at,
+                        queue.policy.message_ttl,
+                        message.expiration,
+                    );
+                    queue.push(QueueEntry {
+                        message: MessageRef {
+                            position: appended.position,
+                            len: appended.len,
+                        },
+                        body_size,
+                        redelivered: false,
+                        recoverable,
+                        delivery_count: 0,
+                        expires_at,
+                    });
+                }
+                self.make_room(*id, settlements);
+            }
+            for id in &accepted {
+                self.dispatch(*id, settlements);
+            }
+        }
+        for id in refused_to_dead_letter {
+            self.dead_letter_copy(id, DeathReason::Maxlen, message, &[], settlements);
+        }
+        Ok(outcome)
+    }
+
+    /// Drops (or dead-letters) head messages while a drop-head queue is over a limit.
+    fn make_room(&mut self, queue_id: QueueId, settlements: &mut Settlements<'_>) {
+        loop {
+            let Some(queue) = self.queues.get_mut(&queue_id) else {
+                return;
+            };
+            if queue.policy.overflow != Overflow::DropHead || !queue.is_over_limit() {
+                return;
+            }
+            let Some(entry) = queue.pop() else {
+                return;
+            };
+            self.dead_letter(queue_id, entry, DeathReason::Maxlen, settlements);
+        }
+    }
+
+    /// Dead-letters expired messages at the head of a queue (RabbitMQ expires messages
+    /// when they reach the head; none is ever delivered after its expiry).
+    pub fn expire_head(&mut self, queue_id: QueueId, now: u64, settlements: &mut Settlements<'_>) {
+        loop {
+            let Some(queue) = self.queues.get_mut(&queue_id) else {
+                return;
+            };
+            if !queue
+                .ready
+                .front()
+                .is_some_and(|entry| entry.expires_at <= now)
+            {
+                return;
+            }
+            let Some(entry) = queue.pop() else {
+                return;
+            };
+            self.dead_letter(queue_id, entry, DeathReason::Expired, settlements);
+        }
+    }
+
+    /// Moves an entry that left `queue_id` to the queue's dead-letter exchange, or drops
+    /// it if the queue has none. The move is one log record (new copy + removal of the
+    /// original), so a crash leaves the message in exactly one place.
+    pub fn dead_letter(
+        &mut self,
+        queue_id: QueueId,
+        entry: QueueEntry,
+        reason: DeathReason,
+        settlements: &mut Settlements<'_>,
+    ) {
+        let Some(queue) = self.queues.get_mut(&queue_id) else {
+            settlements.release(entry.message.position);
+            return;
+        };
+        queue.stats.count_death(reason);
+        if queue.policy.dead_letter_exchange.is_none() {
+            if reason == DeathReason::DeliveryLimit {
+                warn!(queue = %queue.name, vhost = %queue.vhost, "message dropped after exceeding its delivery limit (no dead-letter exchange)");
+            } else {
+                debug!(queue = %queue.name, reason = reason.as_str(), "message dropped (no dead-letter exchange)");
+            }
+            settlements.settle(queue_id, &entry);
+            return;
+        }
+        let record = match self.store.read(entry.message.position, entry.message.len) {
+            Ok(record) => record,
+            Err(err) => {
+                warn!(cause = %err, "dead-lettering: original unreadable; dropped");
+                settlements.settle(queue_id, &entry);
+                return;
+            }
+        };
+        let Some(stored) = decode_message(&record) else {
+            settlements.settle(queue_id, &entry);
+            return;
+        };
+        let Ok(properties) = decode_properties(&stored.properties) else {
+            settlements.settle(queue_id, &entry);
+            return;
+        };
+        let exchange = String::from_utf8_lossy(&stored.exchange).into_owned();
+        let routing_key = String::from_utf8_lossy(&stored.routing_key).into_owned();
+        let original = Message {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            persistent: properties.delivery_mode() == &Some(2),
+            headers: properties.headers().as_ref(),
+            properties: &stored.properties,
+            body: &stored.body,
+            expiration: None,
+            published_at: 0,
+        };
+        let settles: Vec<(QueueId, u64)> = if entry.recoverable {
+            vec![(queue_id, entry.message.position.0)]
+        } else {
+            Vec::new()
+        };
+        if self.dead_letter_copy(queue_id, reason, &original, &settles, settlements) {
+            // The new record carries the removal; only our reference remains to drop.
+            settlements.release(entry.message.position);
+        } else {
+            settlements.settle(queue_id, &entry);
+        }
+    }
+
+    /// Publishes the dead-lettered copy of `original` (which died in `queue_id`) to the
+    /// queue's dead-letter exchange. Returns whether a record was written (which then
+    /// includes `settles`).
+    fn dead_letter_copy(
+        &mut self,
+        queue_id: QueueId,
+        reason: DeathReason,
+        original: &Message<'_>,
+        settles: &[(QueueId, u64)],
+        settlements: &mut Settlements<'_>,
+    ) -> bool {
+        let Some(queue) = self.queues.get(&queue_id) else {
+            return false;
+        };
+        let Some(exchange) = queue.policy.dead_letter_exchange.clone() else {
+            return false;
+        };
+        let queue_name = queue.name.clone();
+        let vhost = queue.vhost.clone();
+        let dead_letter_key = queue.policy.dead_letter_routing_key.clone();
+        let Ok(properties) = decode_properties(original.properties) else {
+            return false;
+        };
+        let keys = routing_keys(original.routing_key, original.headers);
+        let copy = record_death(
+            &properties,
+            &Death {
+                queue: &queue_name,
+                reason,
+                exchange: original.exchange,
+                routing_keys: keys.clone(),
+                time: now_ms() / 1000,
+            },
+        );
+        let headers = copy.headers().clone();
+        let raw = encode_properties(&copy);
+        let route_keys = match &dead_letter_key {
+            Some(key) => vec![key.clone()],
+            None => keys,
+        };
+        let mut targets: Vec<QueueId> = Vec::new();
+        for key in &route_keys {
+            match self.route(&vhost, &exchange, key, headers.as_ref()) {
+                Ok(found) => targets.extend(found),
+                Err(_) => {
+                    warn!(queue = %queue_name, dead_letter_exchange = %exchange, "dead-letter exchange missing; message dropped");
+                    return false;
+                }
+            }
+        }
+        targets.sort_unstable();
+        targets.dedup();
+        if reason != DeathReason::Rejected {
+            targets.retain(|target| {
+                let name = self
+                    .queues
+                    .get(target)
+                    .map(|q| q.name.as_str())
+                    .unwrap_or("");
+                !is_cycle(headers.as_ref(), name)
+            });
+        }
+        if targets.is_empty() {
+            debug!(queue = %queue_name, "dead-lettered message routed nowhere; dropped");
+            return false;
+        }
+        let message = Message {
+            exchange: &exchange,
+            routing_key: route_keys.first().map_or("", String::as_str),
+            persistent: original.persistent,
+            headers: headers.as_ref(),
+            properties: &raw,
+            body: original.body,
+            expiration: None,
+            published_at: now_ms(),
+        };
+        match self.enqueue(&message, &targets, settles, settlements) {
+            Ok(_) => true,
+            Err(err) => {
+                warn!(cause = %err, "dead-letter copy could not be written; dropped");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_takes_the_earlier_ttl() {
+        assert_eq!(expiry(1000, None, None), u64::MAX);
+        assert_eq!(expiry(1000, Some(50), None), 1050);
+        assert_eq!(expiry(1000, Some(50), Some(20)), 1020);
+        assert_eq!(expiry(u64::MAX - 1, Some(50), None), u64::MAX);
+    }
+}

@@ -1,0 +1,511 @@
+//! Power loss and failing disks under the real binary: holdfast runs with its data
+//! directory on holdfast-lazyfs, a FUSE filesystem that keeps everything not fsynced in
+//! memory and throws it away on `crash`. `kill -9` alone never shows a missing fsync (the
+//! page cache survives a process crash); `kill -9` plus `crash` is a power cut.
+//!
+//! Needs root and /dev/fuse (the mount is made in-process with mount(2), no fusermount).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use holdfast_lazyfs::{Command, Mounted};
+use holdfast_testkit::Server;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use rand::Rng;
+
+use crate::binary;
+use crate::support::*;
+
+/// A lazyfs mount on temporary directories. Declare it before the [`Server`] so that the
+/// server is killed before the unmount (locals drop in reverse order); the mount is
+/// dropped before the directories under it.
+struct Disk {
+    mount: Mounted,
+    _mountpoint: tempfile::TempDir,
+    _backing: tempfile::TempDir,
+}
+
+impl Disk {
+    fn new() -> Disk {
+        let backing = tempfile::tempdir().expect("backing dir");
+        let mountpoint = tempfile::tempdir().expect("mountpoint");
+        let mount = Mounted::mount(backing.path(), mountpoint.path())
+            .expect("mount holdfast-lazyfs (needs root and /dev/fuse)");
+        Disk {
+            mount,
+            _mountpoint: mountpoint,
+            _backing: backing,
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.mount.path().join("data")
+    }
+
+    fn command(&self, command: Command) {
+        self.mount
+            .command(command)
+            .unwrap_or_else(|error| panic!("lazyfs {command}: {error}"));
+    }
+
+    fn dropped_bytes(&self) -> u64 {
+        self.mount.status().expect("lazyfs status").dropped_bytes
+    }
+
+    /// Power cut: `kill -9` the broker, then drop everything it did not fsync.
+    fn power_cut(&self, server: &mut Server) {
+        server.kill9();
+        self.command(Command::Crash);
+    }
+}
+
+/// What a crash-test publisher saw confirmed, with when.
+type Confirmed = Arc<Mutex<Vec<(u64, Instant)>>>;
+
+async fn connect(url: &str) -> Option<Connection> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+/// Publishes unique persistent ids to `queue` with a window of 64 unconfirmed, until the
+/// connection dies; records every id the broker acked.
+async fn publish_until_stopped(
+    url: String,
+    queue: &'static str,
+    producer: u64,
+    round: u64,
+    confirmed: Confirmed,
+) {
+    let Some(connection) = connect(&url).await else {
+        return;
+    };
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
+    if channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut in_flight = std::collections::VecDeque::new();
+    let record = |id: u64| confirmed.lock().expect("lock").push((id, Instant::now()));
+    for seq in 0.. {
+        let id = (round << 40) | (producer << 32) | seq;
+        let Ok(confirm) = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &id.to_be_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+        else {
+            break;
+        };
+        in_flight.push_back((id, confirm));
+        if in_flight.len() >= 64 {
+            let (id, confirm) = in_flight.pop_front().expect("non-empty");
+            match confirm.await {
+                Ok(c) if c.is_ack() => record(id),
+                _ => break,
+            }
+        }
+    }
+    for (id, confirm) in in_flight {
+        if let Ok(c) = confirm.await
+            && c.is_ack()
+        {
+            record(id);
+        }
+    }
+}
+
+fn start_publishers(
+    server: &Server,
+    queue: &'static str,
+    round: u64,
+    confirmed: &Confirmed,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..2)
+        .map(|producer| {
+            tokio::spawn(publish_until_stopped(
+                server.url(),
+                queue,
+                producer,
+                round,
+                confirmed.clone(),
+            ))
+        })
+        .collect()
+}
+
+async fn join_publishers(publishers: Vec<tokio::task::JoinHandle<()>>) {
+    for publisher in publishers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
+    }
+}
+
+/// Consumes every message in `queue` (auto-ack); the ids in delivery order.
+async fn drain(channel: &Channel, queue: &str) -> Vec<u64> {
+    let count = message_count(channel, queue).await;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "drain".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("basic.consume");
+    let mut ids = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("delivery in time")
+            .expect("stream open")
+            .expect("delivery");
+        ids.push(u64::from_be_bytes(
+            delivery.data[..8].try_into().expect("8-byte id"),
+        ));
+    }
+    channel
+        .basic_cancel("drain".into(), BasicCancelOptions::default())
+        .await
+        .expect("basic.cancel");
+    ids
+}
+
+async fn declare_durable_queue(server: &Server, queue: &str) {
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    declare(&channel, queue, true).await;
+    connection.close(200, "declared".into()).await.ok();
+}
+
+/// Figures of a series of power cuts.
+#[derive(Default)]
+struct Tally {
+    rounds: u64,
+    confirmed: usize,
+    lost: usize,
+    duplicates: usize,
+    delivered: usize,
+}
+
+/// One round: publish, cut the power at a random moment, restart, drain. Returns the
+/// confirmed ids that did not come back.
+async fn power_cut_round(
+    disk: &Disk,
+    server: &mut Server,
+    queue: &'static str,
+    round: u64,
+    tally: &mut Tally,
+) -> Vec<u64> {
+    let confirmed: Confirmed = Arc::new(Mutex::new(Vec::new()));
+    let publishers = start_publishers(server, queue, round, &confirmed);
+    let pause = rand::rng().random_range(100..600);
+    tokio::time::sleep(Duration::from_millis(pause)).await;
+    disk.power_cut(server);
+    join_publishers(publishers).await;
+    server.restart();
+    let confirmed: HashSet<u64> = confirmed
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    // Idempotent; fails the round loudly if the queue itself was lost.
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("round {round}: durable queue {queue} lost: {error}"));
+    let drained = drain(&channel, queue).await;
+    connection.close(200, "drained".into()).await.ok();
+    let mut seen = HashSet::new();
+    let mut this_round = HashSet::new();
+    for &id in &drained {
+        if !seen.insert(id) {
+            tally.duplicates += 1;
+        }
+        if id >> 40 == round {
+            this_round.insert(id);
+        }
+    }
+    let mut lost: Vec<u64> = confirmed.difference(&this_round).copied().collect();
+    lost.sort_unstable();
+    tally.rounds += 1;
+    tally.confirmed += confirmed.len();
+    tally.lost += lost.len();
+    tally.delivered += drained.len();
+    lost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_power_loss_exactly_once() {
+    const ROUNDS: u64 = 10;
+    const QUEUE: &str = "power";
+    let disk = Disk::new();
+    // Small segments, so that rolls (new files, directory fsyncs) happen under load.
+    let mut server = Server::start_in(binary(), &disk.data_dir(), &["--segment-size", "262144"]);
+    declare_durable_queue(&server, QUEUE).await;
+    let mut tally = Tally::default();
+    for round in 1..=ROUNDS {
+        let confirmed_before = tally.confirmed;
+        let lost = power_cut_round(&disk, &mut server, QUEUE, round, &mut tally).await;
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} of {} confirmed messages lost after a power cut, e.g. {:#x?}",
+            lost.len(),
+            tally.confirmed - confirmed_before,
+            &lost[..lost.len().min(5)]
+        );
+        assert_eq!(
+            tally.duplicates, 0,
+            "round {round}: a message was delivered twice"
+        );
+        // Make the drain itself durable (a clean stop flushes everything), then check
+        // that nothing consumed comes back.
+        let status = server.terminate();
+        assert!(status.success(), "SIGTERM exit status {status:?}");
+        server.restart();
+        let connection = server.connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let resurrected = drain(&channel, QUEUE).await;
+        assert!(
+            resurrected.is_empty(),
+            "round {round}: {} consumed messages came back after a clean restart",
+            resurrected.len()
+        );
+        connection.close(200, "checked".into()).await.ok();
+    }
+    let dropped = disk.dropped_bytes();
+    println!(
+        "power-loss rounds (fsync=always): {}, confirmed: {}, confirmed-but-lost: {}, duplicates: {}, \
+         delivered: {}, unsynced bytes dropped by the crashes: {dropped}",
+        tally.rounds, tally.confirmed, tally.lost, tally.duplicates, tally.delivered
+    );
+    assert!(tally.confirmed > 0, "the test must confirm something");
+    assert!(
+        dropped > 0,
+        "no crash dropped anything: the cuts never hit unsynced writes"
+    );
+}
+
+/// The control experiment: `fsync = never` confirms what is only in memory, so a power cut
+/// must lose confirmed messages. If this passes with nothing lost, lazyfs is not lazy and
+/// the test above proves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_never_loses_confirmed_messages_on_power_loss() {
+    const ROUNDS: u64 = 10;
+    const QUEUE: &str = "unsafe";
+    let disk = Disk::new();
+    // Created and made durable up front, so that any loss below is message data only.
+    make_durable_dir(disk.mount.path(), &disk.data_dir());
+    let mut server = Server::start_in(binary(), &disk.data_dir(), &["--fsync", "never"]);
+    declare_durable_queue(&server, QUEUE).await;
+    let mut tally = Tally::default();
+    for round in 1..=ROUNDS {
+        power_cut_round(&disk, &mut server, QUEUE, round, &mut tally).await;
+        if tally.lost > 0 && tally.rounds >= 3 {
+            break;
+        }
+    }
+    println!(
+        "power-loss rounds (fsync=never): {}, confirmed: {}, confirmed-but-lost: {}, \
+         unsynced bytes dropped by the crashes: {}",
+        tally.rounds,
+        tally.confirmed,
+        tally.lost,
+        disk.dropped_bytes()
+    );
+    assert!(tally.confirmed > 0, "the test must confirm something");
+    assert!(
+        tally.lost > 0,
+        "fsync=never lost nothing across {} power cuts: the filesystem is not dropping \
+         unsynced data",
+        tally.rounds
+    );
+}
+
+fn make_durable_dir(parent: &Path, dir: &Path) {
+    std::fs::create_dir(dir).expect("mkdir");
+    std::fs::File::open(parent)
+        .expect("open parent")
+        .sync_all()
+        .expect("fsync parent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_node_and_loses_nothing_confirmed() {
+    const QUEUE: &str = "eio";
+    let disk = Disk::new();
+    let mut server = Server::start_in(binary(), &disk.data_dir(), &["--segment-size", "262144"]);
+    declare_durable_queue(&server, QUEUE).await;
+    let confirmed: Confirmed = Arc::new(Mutex::new(Vec::new()));
+    let publishers = start_publishers(&server, QUEUE, 1, &confirmed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let confirmed_before = confirmed.lock().expect("lock").len();
+    let failed_at = Instant::now();
+    disk.command(Command::FailFsync);
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .expect("holdfast exits within 5 s of a failed fsync");
+    let exit_after = failed_at.elapsed();
+    assert_eq!(status.code(), Some(70), "exit status {status:?}");
+    join_publishers(publishers).await;
+    let failed_fsyncs = disk.mount.status().expect("status").failed_fsyncs;
+    // What was never fsynced is gone; then the disk works again.
+    disk.command(Command::Crash);
+    disk.command(Command::Heal);
+    server.restart();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let drained = drain(&channel, QUEUE).await;
+    let present: HashSet<u64> = drained.iter().copied().collect();
+    assert_eq!(
+        present.len(),
+        drained.len(),
+        "a message was delivered twice"
+    );
+    let confirmed = confirmed.lock().expect("lock").clone();
+    let after_failure = confirmed.iter().filter(|(_, at)| *at > failed_at).count();
+    let lost: Vec<u64> = confirmed
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    println!(
+        "failed fsync: exit status 70 after {exit_after:?}, failed fsyncs: {failed_fsyncs}, \
+         confirmed: {} ({confirmed_before} before the failure, {after_failure} arrived after it), \
+         confirmed-but-lost: {}, present after restart: {}",
+        confirmed.len(),
+        lost.len(),
+        present.len()
+    );
+    assert!(
+        confirmed_before > 0,
+        "the test must confirm something first"
+    );
+    assert!(failed_fsyncs > 0, "the node never tried to fsync");
+    assert!(
+        lost.is_empty(),
+        "{} confirmed messages lost after a failed fsync, e.g. {:#x?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_definitions_survive_power_loss() {
+    let disk = Disk::new();
+    let mut server = Server::start_in(binary(), &disk.data_dir(), &[]);
+    {
+        let connection = server.connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .exchange_declare(
+                "pl-ex".into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange.declare");
+        declare(&channel, "pl-q", true).await;
+        declare(&channel, "pl-deleted", true).await;
+        channel
+            .queue_bind(
+                "pl-q".into(),
+                "pl-ex".into(),
+                "k".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue.bind");
+        channel
+            .queue_delete("pl-deleted".into(), QueueDeleteOptions::default())
+            .await
+            .expect("queue.delete");
+        // The power goes the moment the last -ok arrived.
+        disk.power_cut(&mut server);
+    }
+    server.restart();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            "pl-ex".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("durable exchange survived the power cut");
+    channel
+        .queue_declare(
+            "pl-q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("durable queue survived the power cut");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    publish_confirmed(&channel, "pl-ex", "k", b"routed").await;
+    assert_eq!(
+        get_body(&channel, "pl-q").await.as_deref(),
+        Some(&b"routed"[..]),
+        "the binding survived the power cut"
+    );
+    let err = channel
+        .queue_declare(
+            "pl-deleted".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("a deleted queue stays deleted after a power cut");
+    assert_eq!(reply_code(&err), Some(404));
+    let dropped = disk.dropped_bytes();
+    println!("definitions power cut: unsynced bytes dropped: {dropped}");
+}
