@@ -21,6 +21,28 @@ use tracing::debug;
 
 use crate::writer::{WriterItem, delivery_properties};
 
+/// The key a deduplicating queue recognises a message by: the `x-deduplication-header`
+/// header, else the `message-id` property.
+fn dedup_key(properties: &holdfast_codec::basic::AMQPProperties) -> Option<bytes::Bytes> {
+    let header = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("x-deduplication-header"));
+    match header {
+        Some(holdfast_codec::AMQPValue::LongString(s)) => {
+            Some(bytes::Bytes::copy_from_slice(s.as_bytes()))
+        }
+        Some(holdfast_codec::AMQPValue::ShortString(s)) => {
+            Some(bytes::Bytes::copy_from_slice(s.as_str().as_bytes()))
+        }
+        Some(other) => Some(bytes::Bytes::from(format!("{other:?}"))),
+        None => properties
+            .message_id()
+            .as_ref()
+            .map(|id| bytes::Bytes::copy_from_slice(id.as_str().as_bytes())),
+    }
+}
+
 /// What the connection loop should do after a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
@@ -784,6 +806,7 @@ impl Session {
                 )
             })?),
         };
+        let dedup_key = dedup_key(&properties);
         let request = PublishRequest {
             exchange: publish.exchange.as_str().to_owned(),
             routing_key: publish.routing_key.as_str().to_owned(),
@@ -792,6 +815,7 @@ impl Session {
             properties: content.properties,
             body: content.body,
             expiration,
+            dedup_key,
         };
         let session = self.channel(channel_id)?;
         if let Some(transaction) = session.tx.as_mut() {

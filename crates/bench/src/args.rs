@@ -44,10 +44,10 @@ pub struct CommonArgs {
     /// Broker URL (amqp:// or amqps://; vhost `/` is `%2f`).
     #[arg(long, default_value = DEFAULT_URL)]
     pub url: String,
-    /// Run for this many seconds (default 10 unless --messages is given).
+    /// Run for this many seconds (default 10, unless a message count is given).
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Stop after this many messages (in total, over all producers).
+    /// Stop after this many messages in total (published, consumed or received).
     #[arg(long, value_name = "N")]
     pub messages: Option<u64>,
     /// Message body size in bytes.

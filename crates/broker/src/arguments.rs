@@ -41,6 +41,9 @@ pub struct QueuePolicy {
     pub single_active_consumer: bool,
     /// `x-consumer-timeout`, ms: an unacked delivery older than this closes its channel.
     pub consumer_timeout: Option<u64>,
+    /// `x-message-deduplication`: the window size (`x-cache-size`) and key lifetime in
+    /// ms (`x-cache-ttl`).
+    pub deduplication: Option<(usize, Option<u64>)>,
 }
 
 fn integer(value: &AMQPValue) -> Option<i128> {
@@ -154,6 +157,22 @@ impl QueuePolicy {
                 },
                 _ => {}
             }
+        }
+        if matches!(
+            table.get("x-message-deduplication"),
+            Some(AMQPValue::Boolean(true))
+        ) {
+            let size = match table.get("x-cache-size") {
+                Some(value) => {
+                    usize::try_from(non_negative("x-cache-size", value, 1)?).unwrap_or(usize::MAX)
+                }
+                None => crate::dedup::DEFAULT_CACHE_SIZE,
+            };
+            let ttl = match table.get("x-cache-ttl") {
+                Some(value) => Some(non_negative("x-cache-ttl", value, 1)?),
+                None => None,
+            };
+            policy.deduplication = Some((size, ttl));
         }
         if policy.dead_letter_routing_key.is_some() && policy.dead_letter_exchange.is_none() {
             return Err(AmqpException::channel(

@@ -54,6 +54,8 @@ pub struct Message<'a> {
     pub body: &'a [u8],
     /// Per-message TTL (`expiration` property), ms.
     pub expiration: Option<u64>,
+    /// Deduplication key (`x-deduplication-header` or `message-id`).
+    pub dedup_key: Option<&'a [u8]>,
     /// When the broker took it, ms since the UNIX epoch.
     pub published_at: u64,
 }
@@ -76,6 +78,8 @@ pub struct Enqueued {
     pub rejected: bool,
     /// Log offset to be durable before a confirm.
     pub durable_end: Option<u64>,
+    /// A deduplicating queue had already seen it.
+    pub duplicate: bool,
 }
 
 impl State {
@@ -153,10 +157,19 @@ impl State {
         let mut outcome = Enqueued::default();
         let mut accepted = Vec::with_capacity(targets.len());
         let mut refused_to_dead_letter = Vec::new();
+        let mut keyed = false;
         for id in targets {
             let Some(queue) = self.queues.get_mut(id) else {
                 continue;
             };
+            if let (Some(window), Some(key)) = (queue.dedup.as_mut(), message.dedup_key) {
+                if window.check_and_insert(key, message.published_at) {
+                    queue.stats.duplicates += 1;
+                    outcome.duplicate = true;
+                    continue;
+                }
+                keyed = true;
+            }
             if queue.policy.overflow != Overflow::DropHead && queue.is_full_for(body_size) {
                 outcome.rejected = true;
                 queue.stats.refused += 1;
@@ -181,6 +194,7 @@ impl State {
                 persistent: message.persistent,
                 published_at: message.published_at,
                 expiration: message.expiration,
+                dedup_key: if keyed { message.dedup_key } else { None },
                 exchange: message.exchange,
                 routing_key: message.routing_key,
                 durable_queues: &durable_queues,
@@ -219,6 +233,12 @@ impl State {
             for id in &accepted {
                 self.dispatch(*id, settlements);
             }
+        }
+        if outcome.duplicate {
+            // The original may still be waiting for its fsync: the duplicate's confirm
+            // must not overtake it, so it waits for everything written so far.
+            let written = self.store.stats().written;
+            outcome.durable_end = Some(outcome.durable_end.unwrap_or(0).max(written));
         }
         for id in refused_to_dead_letter {
             self.dead_letter_copy(id, DeathReason::Maxlen, message, &[], settlements);
@@ -313,6 +333,7 @@ impl State {
             properties: &stored.properties,
             body: &stored.body,
             expiration: None,
+            dedup_key: None,
             published_at: 0,
         };
         let settles: Vec<(QueueId, u64)> = if entry.recoverable {
@@ -402,6 +423,7 @@ impl State {
             properties: &raw,
             body: original.body,
             expiration: None,
+            dedup_key: None,
             published_at: now_ms(),
         };
         match self.enqueue(&message, &targets, settles, settlements) {

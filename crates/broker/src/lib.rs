@@ -13,6 +13,7 @@ mod arguments;
 mod broker;
 mod channel;
 mod dead_letter;
+mod dedup;
 mod definitions;
 mod enqueue;
 mod error;

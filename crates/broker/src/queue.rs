@@ -25,6 +25,8 @@ pub struct QueueStats {
     pub delivery_limit: u64,
     /// Publishes refused by `reject-publish(-dlx)`.
     pub refused: u64,
+    /// Publishes recognised as duplicates and not enqueued.
+    pub duplicates: u64,
 }
 
 impl QueueStats {
@@ -117,6 +119,8 @@ pub struct Queue {
     pub last_used: u64,
     /// Counters.
     pub stats: QueueStats,
+    /// Recently seen message keys, for `x-message-deduplication`.
+    pub dedup: Option<crate::dedup::DedupWindow>,
     /// Ready messages in log order.
     pub ready: VecDeque<QueueEntry>,
     /// Bytes of ready bodies.
@@ -144,6 +148,7 @@ impl Queue {
         policy: QueuePolicy,
         now: u64,
     ) -> Queue {
+        let policy_dedup = policy.deduplication;
         Queue {
             id,
             name,
@@ -155,6 +160,7 @@ impl Queue {
             policy,
             last_used: now,
             stats: QueueStats::default(),
+            dedup: policy_dedup.map(|(size, ttl)| crate::dedup::DedupWindow::new(size, ttl)),
             ready: std::collections::VecDeque::new(),
             ready_bytes: 0,
             consumers: Vec::new(),

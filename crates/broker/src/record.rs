@@ -2,8 +2,9 @@
 //! the only writer and reader of their layout (all integers big-endian):
 //!
 //! ```text
-//! publish: 0x01 | flags u8 (bit 0: persistent, bit 1: has expiration)
+//! publish: 0x01 | flags u8 (bit 0: persistent, bit 1: has expiration, bit 2: has key)
 //!          | published at: u64 ms since the UNIX epoch | [expiration: u64 ms, if bit 1]
+//!          | [deduplication key: u16 len + bytes, if bit 2]
 //!          | exchange: u8 len + bytes | routing key: u8 len + bytes
 //!          | durable queue ids: u16 count + u64 each   (queues that must recover it)
 //!          | settled: u16 count + (queue id u64, position u64) each
@@ -11,6 +12,8 @@
 //!          | body: the rest of the record
 //! ack:     0x02 | u32 count | (queue id u64, message position u64) * count
 //! requeue: 0x03 | u32 count | (queue id u64, message position u64) * count
+//! dedup checkpoint: 0x04 | u32 queues | per queue: queue id u64, u32 keys,
+//!          (seen at u64 ms, u16 len + key bytes) * keys
 //! ```
 //!
 //! A message is written once, whatever the number of queues it reaches; every queue keeps
@@ -29,6 +32,11 @@ const ACK: u8 = 2;
 const REQUEUE: u8 = 3;
 const PERSISTENT: u8 = 1;
 const HAS_EXPIRATION: u8 = 2;
+const HAS_DEDUP_KEY: u8 = 4;
+const DEDUP_CHECKPOINT: u8 = 4;
+
+/// The deduplication windows of durable queues at one moment.
+pub type DedupCheckpoint = Vec<(QueueId, Vec<(Vec<u8>, u64)>)>;
 
 /// A message as stored: everything a delivery needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +60,8 @@ pub struct NewPublish<'a> {
     pub published_at: u64,
     /// Per-message TTL from the `expiration` property, in ms.
     pub expiration: Option<u64>,
+    /// Deduplication key, when a target queue deduplicates.
+    pub dedup_key: Option<&'a [u8]>,
     /// Exchange it was published to.
     pub exchange: &'a str,
     /// Routing key.
@@ -75,6 +85,8 @@ pub struct PublishHeader {
     pub published_at: u64,
     /// Per-message TTL in ms.
     pub expiration: Option<u64>,
+    /// Deduplication key.
+    pub dedup_key: Option<Vec<u8>>,
     /// Durable queues that must get it back after a restart.
     pub durable_queues: Vec<QueueId>,
     /// Entries removed by this record.
@@ -92,6 +104,8 @@ pub enum Replayed {
     Ack(Vec<(QueueId, u64)>),
     /// Failed deliveries, one count each.
     Requeue(Vec<(QueueId, u64)>),
+    /// Every durable queue's deduplication window.
+    DedupCheckpoint(DedupCheckpoint),
 }
 
 /// Encodes a publish record.
@@ -121,11 +135,21 @@ pub fn encode_publish(message: &NewPublish<'_>) -> BytesMut {
     if message.expiration.is_some() {
         flags |= HAS_EXPIRATION;
     }
+    let dedup_key = message
+        .dedup_key
+        .map(|key| &key[..key.len().min(u16::MAX as usize)]);
+    if dedup_key.is_some() {
+        flags |= HAS_DEDUP_KEY;
+    }
     record.put_u8(PUBLISH);
     record.put_u8(flags);
     record.put_u64(message.published_at);
     if let Some(expiration) = message.expiration {
         record.put_u64(expiration);
+    }
+    if let Some(key) = dedup_key {
+        record.put_u16(key.len() as u16);
+        record.put_slice(key);
     }
     record.put_u8(exchange.len() as u8);
     record.put_slice(exchange);
@@ -166,6 +190,25 @@ fn encode_pairs(tag: u8, pairs: &[(QueueId, u64)]) -> BytesMut {
 #[must_use]
 pub fn encode_ack(acks: &[(QueueId, u64)]) -> BytesMut {
     encode_pairs(ACK, acks)
+}
+
+/// Encodes a deduplication checkpoint.
+#[must_use]
+pub fn encode_dedup_checkpoint(checkpoint: &[(QueueId, Vec<(&[u8], u64)>)]) -> BytesMut {
+    let mut record = BytesMut::new();
+    record.put_u8(DEDUP_CHECKPOINT);
+    record.put_u32(checkpoint.len() as u32);
+    for (queue, entries) in checkpoint {
+        record.put_u64(queue.0);
+        record.put_u32(entries.len() as u32);
+        for (key, at) in entries {
+            let key = &key[..key.len().min(u16::MAX as usize)];
+            record.put_u64(*at);
+            record.put_u16(key.len() as u16);
+            record.put_slice(key);
+        }
+    }
+    record
 }
 
 /// Encodes a requeue record (one failed delivery per entry).
@@ -225,6 +268,12 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
             } else {
                 None
             };
+            let dedup_key = if flags & HAS_DEDUP_KEY != 0 {
+                let len = usize::from(reader.u16()?);
+                Some(reader.take(len)?.to_vec())
+            } else {
+                None
+            };
             let exchange_len = reader.u8()? as usize;
             reader.take(exchange_len)?;
             let key_len = reader.u8()? as usize;
@@ -243,6 +292,7 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
                 persistent: flags & PERSISTENT != 0,
                 published_at,
                 expiration,
+                dedup_key,
                 durable_queues,
                 settles,
                 body_size,
@@ -255,6 +305,22 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
         REQUEUE => {
             let count = reader.u32()? as usize;
             Some(Replayed::Requeue(reader.pairs(count)?))
+        }
+        DEDUP_CHECKPOINT => {
+            let queues = reader.u32()? as usize;
+            let mut checkpoint = Vec::with_capacity(queues.min(bytes.len() / 12));
+            for _ in 0..queues {
+                let queue = QueueId(reader.u64()?);
+                let keys = reader.u32()? as usize;
+                let mut entries = Vec::with_capacity(keys.min(bytes.len() / 10));
+                for _ in 0..keys {
+                    let at = reader.u64()?;
+                    let len = usize::from(reader.u16()?);
+                    entries.push((reader.take(len)?.to_vec(), at));
+                }
+                checkpoint.push((queue, entries));
+            }
+            Some(Replayed::DedupCheckpoint(checkpoint))
         }
         _ => None,
     }
@@ -276,6 +342,10 @@ pub fn decode_message(record: &Bytes) -> Option<StoredMessage> {
     }
     let flags = reader.u8()?;
     reader.take(if flags & HAS_EXPIRATION != 0 { 16 } else { 8 })?;
+    if flags & HAS_DEDUP_KEY != 0 {
+        let len = usize::from(reader.u16()?);
+        reader.take(len)?;
+    }
     let exchange_len = reader.u8()? as usize;
     let exchange_at = reader.at;
     reader.take(exchange_len)?;
@@ -307,6 +377,7 @@ mod tests {
             persistent: true,
             published_at: 1_700_000_000_000,
             expiration: Some(5000),
+            dedup_key: Some(b"order-7"),
             exchange: "amq.direct",
             routing_key: "key",
             durable_queues: &[QueueId(7), QueueId(9)],
@@ -321,6 +392,7 @@ mod tests {
                 persistent: true,
                 published_at: 1_700_000_000_000,
                 expiration: Some(5000),
+                dedup_key: Some(b"order-7".to_vec()),
                 durable_queues: vec![QueueId(7), QueueId(9)],
                 settles: vec![(QueueId(3), 80)],
                 body_size: 4,
@@ -343,6 +415,15 @@ mod tests {
         assert_eq!(
             replay(&encode_requeue(&[(QueueId(4), 8)])),
             Some(Replayed::Requeue(vec![(QueueId(4), 8)]))
+        );
+        let checkpoint =
+            encode_dedup_checkpoint(&[(QueueId(5), vec![(&b"k1"[..], 10), (&b"k2"[..], 20)])]);
+        assert_eq!(
+            replay(&checkpoint),
+            Some(Replayed::DedupCheckpoint(vec![(
+                QueueId(5),
+                vec![(b"k1".to_vec(), 10), (b"k2".to_vec(), 20)]
+            )]))
         );
         assert_eq!(replay(&[9, 9, 9]), None);
         assert_eq!(replay(&[ACK, 0, 0, 0, 5, 1]), None);

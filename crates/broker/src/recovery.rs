@@ -5,7 +5,7 @@
 //! messages that were not acknowledged. Entries are kept per queue in log order (publish
 //! order), so an ack finds its entry by binary search instead of a global map.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use holdfast_store::LogPosition;
 
@@ -39,7 +39,15 @@ pub struct Replay {
     queues: HashMap<QueueId, Vec<Recovered>>,
     /// Records this version could not interpret (counted, logged by the caller).
     pub unknown_records: u64,
+    /// Deduplication keys per queue, oldest first: the last checkpoint's, then those of
+    /// later publish records.
+    pub dedup_keys: HashMap<QueueId, VecDeque<(Vec<u8>, u64)>>,
+    /// Where the last deduplication checkpoint is; it stays pinned.
+    pub dedup_checkpoint: Option<LogPosition>,
 }
+
+/// Keys kept per queue while replaying; windows larger than this are rebuilt partially.
+const REPLAY_KEYS_PER_QUEUE: usize = 1_000_000;
 
 impl Replay {
     /// Feeds one record.
@@ -50,6 +58,15 @@ impl Replay {
                 self.settle(&header.settles);
                 if !header.persistent {
                     return;
+                }
+                if let Some(key) = &header.dedup_key {
+                    for queue in &header.durable_queues {
+                        let keys = self.dedup_keys.entry(*queue).or_default();
+                        keys.push_back((key.clone(), header.published_at));
+                        if keys.len() > REPLAY_KEYS_PER_QUEUE {
+                            keys.pop_front();
+                        }
+                    }
                 }
                 let entry = QueueEntry {
                     message: MessageRef {
@@ -74,6 +91,13 @@ impl Replay {
                 }
             }
             Some(Replayed::Ack(acks)) => self.settle(&acks),
+            Some(Replayed::DedupCheckpoint(checkpoint)) => {
+                self.dedup_keys = checkpoint
+                    .into_iter()
+                    .map(|(queue, keys)| (queue, keys.into_iter().collect()))
+                    .collect();
+                self.dedup_checkpoint = Some(position);
+            }
             Some(Replayed::Requeue(requeues)) => {
                 for (queue, position) in requeues {
                     if let Some(recovered) = self.find(queue, position) {
@@ -103,8 +127,8 @@ impl Replay {
     }
 
     /// The surviving entries of each queue, in log order.
-    pub fn into_queues(self) -> HashMap<QueueId, Vec<RecoveredEntry>> {
-        self.queues
+    pub fn into_queues(&mut self) -> HashMap<QueueId, Vec<RecoveredEntry>> {
+        std::mem::take(&mut self.queues)
             .into_iter()
             .map(|(queue, entries)| {
                 let live = entries
@@ -132,6 +156,7 @@ mod tests {
             persistent,
             published_at: 1000,
             expiration: None,
+            dedup_key: None,
             exchange: "",
             routing_key: "a",
             durable_queues: queues,

@@ -14,7 +14,7 @@ use crate::enqueue::now_ms;
 use crate::exchange::{Destination, Exchange, ExchangeKind};
 use crate::outbound::Outbound;
 use crate::queue::{Queue, QueueEntry};
-use crate::record::{encode_ack, encode_requeue};
+use crate::record::{encode_ack, encode_dedup_checkpoint, encode_requeue};
 use crate::{ChannelKey, ConnectionId, QueueId};
 
 /// A vhost's names.
@@ -84,11 +84,19 @@ pub struct State {
     pub next_connection_id: ConnectionId,
     /// Ack timeout for deliveries of queues without `x-consumer-timeout`, ms.
     pub consumer_timeout: u64,
+    /// The log's segment size, to tell when a checkpoint has fallen behind.
+    pub segment_size: u64,
+    /// The last deduplication checkpoint record (pinned in the log) and when it was
+    /// written.
+    pub dedup_checkpoint: Option<(holdfast_store::LogPosition, u64)>,
 }
+
+/// How often deduplication windows are checkpointed at most, ms.
+const DEDUP_CHECKPOINT_INTERVAL: u64 = 1000;
 
 impl State {
     /// Empty state over `store`.
-    pub fn new(store: Store, consumer_timeout: u64) -> State {
+    pub fn new(store: Store, consumer_timeout: u64, segment_size: u64) -> State {
         State {
             store,
             vhosts: HashMap::new(),
@@ -98,6 +106,57 @@ impl State {
             next_queue_id: 0,
             next_connection_id: 0,
             consumer_timeout,
+            segment_size,
+            dedup_checkpoint: None,
+        }
+    }
+
+    /// Writes every durable queue's deduplication window as one record when one has
+    /// changed (at most once a second), so keys outlive the segments of their messages.
+    /// The record holds a reference, which keeps it; the previous one is let go.
+    pub fn checkpoint_dedup_windows(&mut self, now: u64) {
+        if self
+            .dedup_checkpoint
+            .is_some_and(|(_, at)| now.saturating_sub(at) < DEDUP_CHECKPOINT_INTERVAL)
+        {
+            return;
+        }
+        let dirty = self
+            .queues
+            .values()
+            .any(|q| q.durable && q.dedup.as_ref().is_some_and(|w| w.dirty));
+        // An old checkpoint pins its segment and, since segments go oldest first, every
+        // later one: rewrite it once the log has moved a segment past it.
+        let stale = self.dedup_checkpoint.is_some_and(|(position, _)| {
+            self.store.stats().written.saturating_sub(position.0) > self.segment_size
+        });
+        if !dirty && !stale {
+            return;
+        }
+        let mut windows: Vec<(QueueId, Vec<(&[u8], u64)>)> = Vec::new();
+        for queue in self.queues.values_mut() {
+            if !queue.durable || queue.exclusive_owner.is_some() {
+                continue;
+            }
+            if let Some(window) = queue.dedup.as_mut() {
+                window.dirty = false;
+                windows.push((
+                    queue.id,
+                    window
+                        .entries(now)
+                        .map(|(k, at)| (k.as_slice(), *at))
+                        .collect(),
+                ));
+            }
+        }
+        match self.store.append(&encode_dedup_checkpoint(&windows), 1) {
+            Ok(appended) => {
+                if let Some((previous, _)) = self.dedup_checkpoint.replace((appended.position, now))
+                {
+                    self.store.release(previous);
+                }
+            }
+            Err(err) => error!(cause = %err, "deduplication checkpoint could not be written"),
         }
     }
 }

@@ -52,6 +52,7 @@ fn publish(broker: &Broker, connection: ConnectionId, queue: &str, id: u32, pers
                 properties: Bytes::from_static(NO_PROPERTIES),
                 body: Bytes::copy_from_slice(&id.to_be_bytes()),
                 expiration: None,
+                dedup_key: None,
             },
         )
         .expect("publish");

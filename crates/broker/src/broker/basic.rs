@@ -160,6 +160,7 @@ impl Broker {
             properties: &request.properties,
             body: &request.body,
             expiration: request.expiration,
+            dedup_key: request.dedup_key.as_deref(),
             published_at: now_ms(),
         };
         let mut settlements = Settlements::new(&self.store);

@@ -117,6 +117,8 @@ pub struct PublishRequest {
     pub body: Bytes,
     /// Per-message TTL from the `expiration` property, ms.
     pub expiration: Option<u64>,
+    /// Deduplication key: the `x-deduplication-header` header, else `message-id`.
+    pub dedup_key: Option<Bytes>,
 }
 
 /// What became of a publish.
@@ -238,7 +240,7 @@ impl Broker {
         }
         let consumer_timeout =
             u64::try_from(config.consumer_timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut state = State::new(store.clone(), consumer_timeout);
+        let mut state = State::new(store.clone(), consumer_timeout, config.store.segment_size);
         state
             .vhosts
             .insert(DEFAULT_VHOST.to_owned(), VHost::with_builtin_exchanges());
@@ -248,6 +250,21 @@ impl Broker {
             definitions.restore(&mut state);
         }
         let mut recovered_messages = 0u64;
+        for (queue_id, keys) in std::mem::take(&mut replay.dedup_keys) {
+            if let Some(window) = state
+                .queues
+                .get_mut(&queue_id)
+                .and_then(|q| q.dedup.as_mut())
+            {
+                for (key, at) in keys {
+                    window.insert(key, at);
+                }
+            }
+        }
+        if let Some(position) = replay.dedup_checkpoint {
+            store.retain(position);
+            state.dedup_checkpoint = Some((position, now_ms()));
+        }
         for (queue_id, entries) in replay.into_queues() {
             let Some(queue) = state.queues.get_mut(&queue_id) else {
                 continue;
@@ -311,6 +328,7 @@ impl Broker {
         if definitions_changed {
             let _ = self.persist_definitions(&state);
         }
+        state.checkpoint_dedup_windows(now);
         let overdue: Vec<(ChannelKey, u64)> = state
             .channels
             .iter()

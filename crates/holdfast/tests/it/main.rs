@@ -6,6 +6,7 @@ mod bench;
 mod confirms_tx;
 mod consumers;
 mod dead_letter;
+mod dedup;
 mod durability;
 mod java_seeds;
 mod power_loss;

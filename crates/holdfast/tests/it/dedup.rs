@@ -1,0 +1,187 @@
+//! Broker-side deduplication: a retried publish is confirmed but not enqueued twice,
+//! also after a crash and after the original was consumed and its segment deleted.
+
+use std::time::Duration;
+
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
+
+use crate::binary;
+use crate::support::*;
+use holdfast_testkit::Server;
+
+fn dedup_args(cache_size: i32) -> FieldTable {
+    let mut table = FieldTable::default();
+    table.insert(
+        ShortString::from("x-message-deduplication"),
+        AMQPValue::Boolean(true),
+    );
+    table.insert(
+        ShortString::from("x-cache-size"),
+        AMQPValue::LongInt(cache_size),
+    );
+    table
+}
+
+async fn send(channel: &Channel, queue: &str, id: &str, body: &[u8]) {
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirmation");
+    assert!(confirm.is_ack(), "a duplicate is still confirmed with ack");
+}
+
+#[tokio::test]
+async fn duplicates_are_confirmed_but_not_enqueued() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_in(binary(), &temp.path().join("data"), &[]);
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm");
+    channel
+        .queue_declare(
+            "dedup".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            dedup_args(2),
+        )
+        .await
+        .expect("declare");
+    send(&channel, "dedup", "a", b"first").await;
+    send(&channel, "dedup", "a", b"retry").await;
+    send(&channel, "dedup", "b", b"other").await;
+    assert_eq!(message_count(&channel, "dedup").await, 2);
+    // The header wins over message-id.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-deduplication-header"),
+        AMQPValue::LongString(LongString::from("order-9")),
+    );
+    for id in ["x1", "x2"] {
+        channel
+            .basic_publish(
+                "".into(),
+                "dedup".into(),
+                BasicPublishOptions::default(),
+                b"h",
+                BasicProperties::default()
+                    .with_message_id(id.into())
+                    .with_headers(headers.clone()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    assert_eq!(message_count(&channel, "dedup").await, 3);
+    // Cache size 2: "a" has been pushed out by "b" and "order-9".
+    send(&channel, "dedup", "a", b"again").await;
+    assert_eq!(message_count(&channel, "dedup").await, 4);
+    // Messages without a key are never deduplicated.
+    publish(&channel, "", "dedup", b"no key", true).await;
+    publish(&channel, "", "dedup", b"no key", true).await;
+    assert_eq!(message_count(&channel, "dedup").await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_survives_kill_9_and_segment_deletion() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start_in(
+        binary(),
+        &temp.path().join("data"),
+        &["--segment-size", "65536"],
+    );
+    {
+        let connection = server.connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm");
+        channel
+            .queue_declare(
+                "orders".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                dedup_args(1000),
+            )
+            .await
+            .expect("declare");
+        declare(&channel, "filler", true).await;
+        send(&channel, "orders", "consumed", b"will be consumed").await;
+        let consumed = channel
+            .basic_get("orders".into(), BasicGetOptions::default())
+            .await
+            .expect("get")
+            .expect("consumed");
+        consumed
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        // Let a checkpoint happen, then roll segments with filler that is purged, so the
+        // segment holding "consumed" has nothing live left and is deleted.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let body = vec![0u8; 8 * 1024];
+        for _ in 0..40 {
+            publish_confirmed(&channel, "", "filler", &body).await;
+        }
+        channel
+            .queue_purge("filler".into(), QueuePurgeOptions::default())
+            .await
+            .expect("purge");
+        // The checkpoint has fallen a segment behind: it is rewritten and the old
+        // segments go.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        send(&channel, "orders", "kept", b"stays in the queue").await;
+        let segments = std::fs::read_dir(temp.path().join("data").join("log"))
+            .expect("log dir")
+            .count();
+        let first = temp
+            .path()
+            .join("data")
+            .join("log")
+            .join(format!("{:020}.log", 0));
+        assert!(
+            !first.exists(),
+            "the first segment should have been deleted ({segments} segments)"
+        );
+    }
+    server.kill9();
+    server.restart();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm");
+    // Producer retries after the crash: both are recognised.
+    send(&channel, "orders", "kept", b"retry of kept").await;
+    send(&channel, "orders", "consumed", b"retry of consumed").await;
+    assert_eq!(message_count(&channel, "orders").await, 1);
+    assert_eq!(
+        get_body(&channel, "orders").await.as_deref(),
+        Some(&b"stays in the queue"[..])
+    );
+    // A new id still goes through.
+    send(&channel, "orders", "new", b"new").await;
+    assert_eq!(message_count(&channel, "orders").await, 1);
+}
