@@ -66,7 +66,7 @@ impl Settle {
         if self.is_ack {
             Disposition::Ack
         } else if self.requeue {
-            Disposition::Requeue
+            Disposition::Retry
         } else {
             Disposition::Reject
         }

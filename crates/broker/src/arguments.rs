@@ -18,6 +18,33 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// `x-redelivery-delay`: a consumer's "retry later" (nack or reject with requeue) holds
+/// the message back for `initial × multiplier^(n−1)` ms on its n-th retry, at most `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// `x-redelivery-delay`, ms: the first delay.
+    pub initial: u64,
+    /// `x-redelivery-delay-multiplier` (default 2): growth per retry.
+    pub multiplier: u64,
+    /// `x-redelivery-delay-max`, ms (default 30 000 or `initial` if larger): the cap.
+    pub max: u64,
+}
+
+impl Backoff {
+    /// The delay before retry number `retry` (1-based).
+    #[must_use]
+    pub fn delay(&self, retry: u32) -> u64 {
+        let mut delay = self.initial;
+        for _ in 1..retry {
+            delay = delay.saturating_mul(self.multiplier);
+            if delay >= self.max {
+                break;
+            }
+        }
+        delay.min(self.max)
+    }
+}
+
 /// The effective behaviour of a queue.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueuePolicy {
@@ -44,6 +71,8 @@ pub struct QueuePolicy {
     /// `x-message-deduplication`: the window size (`x-cache-size`) and key lifetime in
     /// ms (`x-cache-ttl`).
     pub deduplication: Option<(usize, Option<u64>)>,
+    /// `x-redelivery-delay` and friends.
+    pub redelivery_delay: Option<Backoff>,
 }
 
 fn integer(value: &AMQPValue) -> Option<i128> {
@@ -158,6 +187,22 @@ impl QueuePolicy {
                 _ => {}
             }
         }
+        if let Some(value) = table.get("x-redelivery-delay") {
+            let initial = non_negative("x-redelivery-delay", value, 1)?;
+            let multiplier = match table.get("x-redelivery-delay-multiplier") {
+                Some(value) => non_negative("x-redelivery-delay-multiplier", value, 1)?,
+                None => 2,
+            };
+            let max = match table.get("x-redelivery-delay-max") {
+                Some(value) => non_negative("x-redelivery-delay-max", value, 1)?,
+                None => initial.max(30_000),
+            };
+            policy.redelivery_delay = Some(Backoff {
+                initial,
+                multiplier,
+                max: max.max(initial),
+            });
+        }
         if matches!(
             table.get("x-message-deduplication"),
             Some(AMQPValue::Boolean(true))
@@ -197,6 +242,19 @@ mod tests {
             table.insert(ShortString::from(*name), value.clone());
         }
         table
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let backoff = Backoff {
+            initial: 100,
+            multiplier: 3,
+            max: 1000,
+        };
+        assert_eq!(
+            (1..=5).map(|n| backoff.delay(n)).collect::<Vec<_>>(),
+            vec![100, 300, 900, 1000, 1000]
+        );
     }
 
     #[test]

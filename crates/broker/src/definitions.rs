@@ -30,6 +30,9 @@ pub struct VHostDefinitions {
 pub struct ExchangeDefinition {
     pub name: String,
     pub kind: ExchangeKind,
+    /// The hidden queue of an `x-delayed-message` exchange.
+    #[serde(default)]
+    pub delay_queue: Option<QueueId>,
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
@@ -84,6 +87,7 @@ impl Definitions {
                     exchanges.push(ExchangeDefinition {
                         name: exchange.name.clone(),
                         kind: exchange.kind,
+                        delay_queue: exchange.delay_queue,
                         auto_delete: exchange.auto_delete,
                         internal: exchange.internal,
                         arguments: exchange.arguments.clone(),
@@ -142,18 +146,21 @@ impl Definitions {
                 .vhosts
                 .entry(definitions.name.clone())
                 .or_insert_with(VHost::with_builtin_exchanges);
+            let mut delay_queues = Vec::new();
             for exchange in definitions.exchanges {
-                vhost.exchanges.insert(
+                let mut restored = Exchange::new(
                     exchange.name.clone(),
-                    Exchange::new(
-                        exchange.name,
-                        exchange.kind,
-                        true,
-                        exchange.auto_delete,
-                        exchange.internal,
-                        exchange.arguments,
-                    ),
+                    exchange.kind,
+                    true,
+                    exchange.auto_delete,
+                    exchange.internal,
+                    exchange.arguments,
                 );
+                restored.delay_queue = exchange.delay_queue;
+                if let Some(id) = exchange.delay_queue {
+                    delay_queues.push((id, exchange.name.clone()));
+                }
+                vhost.exchanges.insert(exchange.name, restored);
             }
             for queue in definitions.queues {
                 vhost.queues.insert(queue.name.clone(), queue.id);
@@ -178,6 +185,26 @@ impl Definitions {
                     ),
                 );
             }
+            for (id, exchange) in delay_queues {
+                state.next_queue_id = state.next_queue_id.max(id.0 + 1);
+                let mut queue = Queue::new(
+                    id,
+                    format!("amq.delayed.{exchange}"),
+                    definitions.name.clone(),
+                    true,
+                    None,
+                    false,
+                    FieldTable::default(),
+                    QueuePolicy::default(),
+                    now,
+                );
+                queue.delay_for = Some(exchange);
+                state.queues.insert(id, queue);
+            }
+            let vhost = state
+                .vhosts
+                .get_mut(&definitions.name)
+                .expect("vhost inserted above");
             for binding in definitions.bindings {
                 if let Some(exchange) = vhost.exchanges.get_mut(&binding.source) {
                     exchange.bind(Binding {

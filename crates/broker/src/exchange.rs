@@ -50,6 +50,9 @@ impl ExchangeKind {
     }
 }
 
+/// The exchange type of RabbitMQ's delayed-message plugin.
+pub const DELAYED_MESSAGE: &str = "x-delayed-message";
+
 /// Where a binding leads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Destination {
@@ -93,6 +96,9 @@ pub struct Exchange {
     pub internal: bool,
     /// Declared arguments, kept as given.
     pub arguments: FieldTable,
+    /// For an `x-delayed-message` exchange (which routes like its `x-delayed-type`,
+    /// `kind`): the hidden queue holding messages until their `x-delay` has passed.
+    pub delay_queue: Option<QueueId>,
     bindings: Vec<Binding>,
     index: RoutingIndex,
 }
@@ -115,8 +121,19 @@ impl Exchange {
             auto_delete,
             internal,
             arguments,
+            delay_queue: None,
             bindings: Vec::new(),
             index: RoutingIndex::Empty,
+        }
+    }
+
+    /// The type name a client declares it with.
+    #[must_use]
+    pub fn type_name(&self) -> &'static str {
+        if self.delay_queue.is_some() {
+            DELAYED_MESSAGE
+        } else {
+            self.kind.name()
         }
     }
 

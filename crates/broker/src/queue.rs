@@ -119,10 +119,16 @@ pub struct Queue {
     pub last_used: u64,
     /// Counters.
     pub stats: QueueStats,
+    /// For the hidden queue of an `x-delayed-message` exchange: that exchange's name.
+    /// Its entries' `expires_at` is when they are due, and they are then routed by the
+    /// exchange instead of expiring.
+    pub delay_for: Option<String>,
     /// Recently seen message keys, for `x-message-deduplication`.
     pub dedup: Option<crate::dedup::DedupWindow>,
     /// Ready messages in log order.
     pub ready: VecDeque<QueueEntry>,
+    /// Retries waiting out their `x-redelivery-delay`, by (due time, position).
+    pub held: std::collections::BTreeMap<(u64, u64), QueueEntry>,
     /// Bytes of ready bodies.
     pub ready_bytes: u64,
     /// Attached consumers.
@@ -159,9 +165,11 @@ impl Queue {
             arguments,
             policy,
             last_used: now,
+            delay_for: None,
             stats: QueueStats::default(),
             dedup: policy_dedup.map(|(size, ttl)| crate::dedup::DedupWindow::new(size, ttl)),
             ready: std::collections::VecDeque::new(),
+            held: std::collections::BTreeMap::new(),
             ready_bytes: 0,
             consumers: Vec::new(),
             cursor: 0,

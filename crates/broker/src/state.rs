@@ -111,6 +111,34 @@ impl State {
         }
     }
 
+    /// Returns held-back retries whose redelivery delay has passed to their queues.
+    pub fn release_held(&mut self, now: u64, settlements: &mut Settlements<'_>) {
+        let due: Vec<QueueId> = self
+            .queues
+            .values()
+            .filter(|q| {
+                q.held
+                    .first_key_value()
+                    .is_some_and(|((at, _), _)| *at <= now)
+            })
+            .map(|q| q.id)
+            .collect();
+        for queue_id in due {
+            if let Some(queue) = self.queues.get_mut(&queue_id) {
+                while queue
+                    .held
+                    .first_key_value()
+                    .is_some_and(|((at, _), _)| *at <= now)
+                {
+                    if let Some((_, entry)) = queue.held.pop_first() {
+                        queue.requeue(entry);
+                    }
+                }
+            }
+            self.dispatch(queue_id, settlements);
+        }
+    }
+
     /// Writes every durable queue's deduplication window as one record when one has
     /// changed (at most once a second), so keys outlive the segments of their messages.
     /// The record holds a reference, which keeps it; the previous one is let go.
@@ -166,8 +194,11 @@ impl State {
 pub enum Disposition {
     /// Acknowledged: gone.
     Ack,
-    /// Returned to the queue (nack/reject with requeue, channel closed, recover).
+    /// Returned to the queue because the channel closed or the client asked to recover.
     Requeue,
+    /// The consumer asked to try again later (nack/reject with requeue): returned to the
+    /// queue, after the queue's `x-redelivery-delay` backoff if it has one.
+    Retry,
     /// Rejected without requeue: dead-lettered, or dropped without a DLX.
     Reject,
 }
@@ -367,7 +398,7 @@ impl State {
             touched.insert(unacked.queue);
             if disposition == Disposition::Ack {
                 settlements.settle(unacked.queue, &unacked.entry);
-            } else if disposition == Disposition::Requeue {
+            } else if matches!(disposition, Disposition::Requeue | Disposition::Retry) {
                 let mut entry = unacked.entry;
                 entry.delivery_count = entry.delivery_count.saturating_add(1);
                 if queue
@@ -383,7 +414,14 @@ impl State {
                     );
                 } else {
                     settlements.count_requeue(unacked.queue, &entry);
-                    queue.requeue(entry);
+                    match queue.policy.redelivery_delay {
+                        Some(backoff) if disposition == Disposition::Retry => {
+                            let due = now_ms().saturating_add(backoff.delay(entry.delivery_count));
+                            entry.redelivered = true;
+                            queue.held.insert((due, entry.message.position.0), entry);
+                        }
+                        _ => queue.requeue(entry),
+                    }
                 }
             } else if queue.policy.dead_letter_exchange.is_some() {
                 self.dead_letter(
@@ -423,6 +461,9 @@ impl State {
         };
         let dropped = queue.message_count();
         while let Some(entry) = queue.pop() {
+            settlements.settle(queue_id, &entry);
+        }
+        for entry in std::mem::take(&mut queue.held).into_values() {
             settlements.settle(queue_id, &entry);
         }
         for consumer in &queue.consumers {

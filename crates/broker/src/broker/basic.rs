@@ -128,23 +128,27 @@ impl Broker {
     ) -> AmqpResult<PublishOutcome> {
         let mut state = self.state.lock();
         let vhost = Self::vhost_of(&state, connection)?;
-        let targets = state
-            .route(
-                &vhost,
-                &request.exchange,
-                &request.routing_key,
-                request.headers.as_ref(),
-            )
-            .map_err(|err| match err {
-                RouteError::NoExchange => not_found_exchange(&request.exchange, &vhost),
-                RouteError::Internal => AmqpException::channel(
-                    ReplyCode::AccessRefused,
-                    format!(
-                        "cannot publish to internal exchange '{}' in vhost '{vhost}'",
-                        request.exchange
+        let delayed = state.delay_for_publish(&vhost, &request.exchange, request.headers.as_ref());
+        let targets = match delayed {
+            Some((delay_queue, _)) => vec![delay_queue],
+            None => state
+                .route(
+                    &vhost,
+                    &request.exchange,
+                    &request.routing_key,
+                    request.headers.as_ref(),
+                )
+                .map_err(|err| match err {
+                    RouteError::NoExchange => not_found_exchange(&request.exchange, &vhost),
+                    RouteError::Internal => AmqpException::channel(
+                        ReplyCode::AccessRefused,
+                        format!(
+                            "cannot publish to internal exchange '{}' in vhost '{vhost}'",
+                            request.exchange
+                        ),
                     ),
-                ),
-            })?;
+                })?,
+        };
         if targets.is_empty() {
             return Ok(PublishOutcome {
                 routed: false,
@@ -159,7 +163,8 @@ impl Broker {
             headers: request.headers.as_ref(),
             properties: &request.properties,
             body: &request.body,
-            expiration: request.expiration,
+            // In a delay queue, "expiry" is when the message is due.
+            expiration: delayed.map_or(request.expiration, |(_, delay)| Some(delay)),
             dedup_key: request.dedup_key.as_deref(),
             published_at: now_ms(),
         };

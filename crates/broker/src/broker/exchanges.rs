@@ -4,9 +4,11 @@ use holdfast_codec::FieldTable;
 
 use super::{Broker, default_exchange_refused, inequivalent, not_found_exchange};
 use crate::ConnectionId;
+use crate::arguments::text;
 use crate::definitions::is_builtin_exchange;
 use crate::error::{AmqpException, AmqpResult, ReplyCode};
-use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::exchange::{Binding, DELAYED_MESSAGE, Destination, Exchange, ExchangeKind};
+use crate::state::Settlements;
 
 impl Broker {
     /// `exchange.declare`.
@@ -39,14 +41,14 @@ impl Broker {
             if passive {
                 return Ok(());
             }
-            if existing.kind.name() != kind {
+            if existing.type_name() != kind {
                 return Err(inequivalent(
                     "type",
                     "exchange",
                     name,
                     &vhost_name,
                     kind,
-                    existing.kind.name(),
+                    existing.type_name(),
                 ));
             }
             for (arg, received, current) in [
@@ -76,23 +78,42 @@ impl Broker {
                 format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
             ));
         }
-        let kind = ExchangeKind::parse(kind).ok_or_else(|| {
-            AmqpException::connection(
-                ReplyCode::CommandInvalid,
-                format!("unknown exchange type '{kind}'"),
-            )
-        })?;
-        vhost.exchanges.insert(
+        let delayed = kind == DELAYED_MESSAGE;
+        let kind = if delayed {
+            // RabbitMQ's delayed-message plugin: routes like `x-delayed-type` once due.
+            arguments
+                .inner()
+                .get("x-delayed-type")
+                .and_then(text)
+                .and_then(|t| ExchangeKind::parse(&t))
+                .ok_or_else(|| {
+                    AmqpException::channel(
+                        ReplyCode::PreconditionFailed,
+                        "Invalid argument, 'x-delayed-type' must be an existing exchange type",
+                    )
+                })?
+        } else {
+            ExchangeKind::parse(kind).ok_or_else(|| {
+                AmqpException::connection(
+                    ReplyCode::CommandInvalid,
+                    format!("unknown exchange type '{kind}'"),
+                )
+            })?
+        };
+        let mut exchange = Exchange::new(
             name.to_owned(),
-            Exchange::new(
-                name.to_owned(),
-                kind,
-                durable,
-                auto_delete,
-                internal,
-                arguments,
-            ),
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            arguments,
         );
+        if delayed {
+            exchange.delay_queue = Some(state.create_delay_queue(&vhost_name, name, durable));
+        }
+        if let Some(vhost) = state.vhosts.get_mut(&vhost_name) {
+            vhost.exchanges.insert(name.to_owned(), exchange);
+        }
         if durable {
             self.persist_definitions(&state)?;
         }
@@ -136,10 +157,18 @@ impl Broker {
             ));
         }
         let durable = exchange.durable;
+        let delay_queue = exchange.delay_queue;
         vhost.exchanges.remove(name);
         let destination = Destination::Exchange(name.to_owned());
         for other in vhost.exchanges.values_mut() {
             other.unbind_destination(&destination);
+        }
+        if let Some(queue) = delay_queue {
+            // Messages still waiting for their delay go with the exchange, as in the
+            // RabbitMQ plugin.
+            let mut settlements = Settlements::new(&self.store);
+            state.delete_queue(queue, &mut settlements);
+            settlements.apply();
         }
         if durable {
             self.persist_definitions(&state)?;

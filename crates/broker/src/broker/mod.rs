@@ -329,6 +329,8 @@ impl Broker {
             let _ = self.persist_definitions(&state);
         }
         state.checkpoint_dedup_windows(now);
+        state.release_delayed(now, &mut settlements);
+        state.release_held(now, &mut settlements);
         let overdue: Vec<(ChannelKey, u64)> = state
             .channels
             .iter()

@@ -203,6 +203,11 @@ impl Broker {
                 settlements.settle(queue_id, &entry);
                 purged += 1;
             }
+            // Retries waiting out a redelivery delay are ready messages too.
+            for entry in std::mem::take(&mut queue.held).into_values() {
+                settlements.settle(queue_id, &entry);
+                purged += 1;
+            }
         }
         settlements.apply();
         Ok(purged)

@@ -7,6 +7,7 @@ mod confirms_tx;
 mod consumers;
 mod dead_letter;
 mod dedup;
+mod delayed;
 mod durability;
 mod java_seeds;
 mod power_loss;
