@@ -75,7 +75,9 @@ pub struct QueuePolicy {
     pub redelivery_delay: Option<Backoff>,
 }
 
-fn integer(value: &AMQPValue) -> Option<i128> {
+/// An integer argument of any AMQP integer width (clients differ in which they send).
+#[must_use]
+pub fn integer(value: &AMQPValue) -> Option<i128> {
     Some(match value {
         AMQPValue::ShortShortInt(v) => i128::from(*v),
         AMQPValue::ShortShortUInt(v) => i128::from(*v),

@@ -301,15 +301,10 @@ impl State {
             .exchanges
             .get(exchange)?
             .delay_queue?;
-        let delay = match headers?.inner().get("x-delay")? {
-            holdfast_codec::AMQPValue::ShortShortInt(v) => i64::from(*v),
-            holdfast_codec::AMQPValue::ShortShortUInt(v) => i64::from(*v),
-            holdfast_codec::AMQPValue::ShortInt(v) => i64::from(*v),
-            holdfast_codec::AMQPValue::ShortUInt(v) => i64::from(*v),
-            holdfast_codec::AMQPValue::LongInt(v) => i64::from(*v),
-            holdfast_codec::AMQPValue::LongUInt(v) => i64::from(*v),
-            holdfast_codec::AMQPValue::LongLongInt(v) => *v,
-            other => crate::arguments::text(other)?.trim().parse().ok()?,
+        let value = headers?.inner().get("x-delay")?;
+        let delay: i128 = match crate::arguments::integer(value) {
+            Some(delay) => delay,
+            None => crate::arguments::text(value)?.trim().parse().ok()?,
         };
         u64::try_from(delay)
             .ok()

@@ -56,17 +56,10 @@ fn values_equal(left: &AMQPValue, right: &AMQPValue) -> bool {
         }
     }
     fn integer(value: &AMQPValue) -> Option<i128> {
-        Some(match value {
-            AMQPValue::ShortShortInt(v) => i128::from(*v),
-            AMQPValue::ShortShortUInt(v) => i128::from(*v),
-            AMQPValue::ShortInt(v) => i128::from(*v),
-            AMQPValue::ShortUInt(v) => i128::from(*v),
-            AMQPValue::LongInt(v) => i128::from(*v),
-            AMQPValue::LongUInt(v) => i128::from(*v),
-            AMQPValue::LongLongInt(v) => i128::from(*v),
-            AMQPValue::Timestamp(v) => i128::from(*v),
-            _ => return None,
-        })
+        match value {
+            AMQPValue::Timestamp(v) => Some(i128::from(*v)),
+            other => crate::arguments::integer(other),
+        }
     }
     if let (Some(a), Some(b)) = (text(left), text(right)) {
         return a == b;
