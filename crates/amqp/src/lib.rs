@@ -6,6 +6,7 @@
 //! Everything that goes wrong on one connection ends at most that connection.
 #![warn(missing_docs)]
 
+mod alarm;
 mod auth;
 mod session;
 mod writer;
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use alarm::Throttle;
 pub use auth::User;
 use session::{Flow, Session};
 use writer::{WriterItem, run_writer};
@@ -177,6 +179,7 @@ fn server_properties() -> FieldTable {
         "consumer_cancel_notify",
         "authentication_failure_close",
         "per_consumer_qos",
+        "connection.blocked",
     ] {
         capabilities.insert(name.into(), AMQPValue::Boolean(true));
     }
@@ -207,6 +210,8 @@ struct Tuned {
     frame_max: u32,
     heartbeat: u16,
     vhost: String,
+    /// The client wants `connection.blocked` / `unblocked`.
+    blocked_notifications: bool,
 }
 
 async fn handshake(
@@ -240,6 +245,7 @@ async fn handshake(
             "expected connection.start-ok",
         )));
     };
+    let blocked_notifications = alarm::wants_blocked_notifications(&start_ok.client_properties);
     let mechanism = start_ok.mechanism.as_str().to_owned();
     if let Err(failure) = auth::authenticate(
         &config.users,
@@ -301,6 +307,7 @@ async fn handshake(
         frame_max,
         heartbeat: tune_ok.heartbeat,
         vhost: open.virtual_host.as_str().to_owned(),
+        blocked_notifications,
     })
 }
 
@@ -375,29 +382,46 @@ async fn handle_connection(
     // A peer silent for two heartbeat intervals is gone.
     let read_timeout = heartbeat.map_or(Duration::from_secs(u64::MAX / 4), |h| h * 2);
     let close_deadline = Duration::from_secs(3);
+    let mut alarms = broker.alarms().subscribe();
+    let mut throttle = Throttle::new(tuned.blocked_notifications, *alarms.borrow_and_update());
+    // A publish that arrived during a resource alarm: nothing more is read until it is
+    // handled.
+    let mut held: Option<Frame> = None;
     'connection: loop {
         loop {
-            match decoder.decode(&mut buffer) {
-                Ok(Some(frame)) => match session.handle_frame(frame) {
-                    Ok(Flow::Continue) => {}
-                    Ok(Flow::Closed | Flow::CloseAcknowledged) => break 'connection,
-                    Err(exception) => {
-                        debug!(code = exception.code.code(), text = %exception.text, "connection exception");
+            let frame = match held.take() {
+                Some(frame) => frame,
+                None => match decoder.decode(&mut buffer) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(err) => {
+                        let exception = decode_exception(&err);
+                        debug!(code = exception.code.code(), text = %exception.text, "undecodable input");
                         session.close_connection(&exception);
+                        // The stream's framing is lost; nothing more can be read from it.
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(200),
+                            std::future::pending::<()>(),
+                        )
+                        .await;
+                        break 'connection;
                     }
                 },
-                Ok(None) => break,
-                Err(err) => {
-                    let exception = decode_exception(&err);
-                    debug!(code = exception.code.code(), text = %exception.text, "undecodable input");
+            };
+            if !session.closing {
+                let (hold, notice) = throttle.hold(&frame);
+                send_connection_method(&writer_tx, notice);
+                if hold {
+                    held = Some(frame);
+                    break;
+                }
+            }
+            match session.handle_frame(frame) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Closed | Flow::CloseAcknowledged) => break 'connection,
+                Err(exception) => {
+                    debug!(code = exception.code.code(), text = %exception.text, "connection exception");
                     session.close_connection(&exception);
-                    // The stream's framing is lost; nothing more can be read from it.
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(200),
-                        std::future::pending::<()>(),
-                    )
-                    .await;
-                    break 'connection;
                 }
             }
         }
@@ -407,7 +431,9 @@ async fn handle_connection(
             read_timeout
         };
         tokio::select! {
-            read = timeout(wait, reader.read_buf(&mut buffer)) => {
+            // While a publish is held the socket is not read, and the peer's silence is
+            // not a missed heartbeat (RabbitMQ pauses its heartbeat monitor likewise).
+            read = timeout(wait, reader.read_buf(&mut buffer)), if held.is_none() => {
                 match read {
                     Ok(Ok(0)) | Ok(Err(_)) => break,
                     Ok(Ok(_)) => {}
@@ -425,6 +451,10 @@ async fn handle_connection(
                     "broker forced connection closure with reason 'shutdown'",
                 ));
             }
+            Ok(()) = alarms.changed() => {
+                let notice = throttle.alarm_changed(*alarms.borrow_and_update());
+                send_connection_method(&writer_tx, notice);
+            }
             Some(event) = control_rx.recv() => {
                 if let Outbound::CloseChannel { channel, code, text } = event {
                     session.server_closed_channel(channel, code, &text);
@@ -438,6 +468,15 @@ async fn handle_connection(
     drop(session);
     let _ = writer.await;
     info!("connection closed");
+}
+
+/// Queues a connection-level method (blocked / unblocked) for the writer.
+fn send_connection_method(writer: &mpsc::UnboundedSender<WriterItem>, method: Option<AMQPClass>) {
+    if let Some(method) = method {
+        let mut out = BytesMut::with_capacity(64);
+        encode_method(&mut out, 0, &method);
+        let _ = writer.send(WriterItem::Frames(out));
+    }
 }
 
 /// Sends `connection.close` during the handshake and gives the peer a moment to read it.

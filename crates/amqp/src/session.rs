@@ -923,11 +923,13 @@ impl Session {
         };
         let transaction = std::mem::take(transaction);
         let mut durable_end = 0;
+        let mut rejected = false;
         for (request, mandatory) in &transaction.publishes {
             let outcome = self.broker.basic_publish(self.connection, request)?;
             if !outcome.routed && *mandatory {
                 self.send_return(channel_id, request);
             }
+            rejected |= outcome.rejected;
             durable_end = durable_end.max(outcome.durable_end.unwrap_or(0));
         }
         for settle in transaction.settles {
@@ -937,6 +939,14 @@ impl Session {
                 settle.multiple,
                 settle.disposition(),
             )?;
+        }
+        if rejected {
+            // A publish was refused (a full queue with reject-publish, or no disk space):
+            // commit-ok would claim it was taken. RabbitMQ fails the commit the same way.
+            return Err(AmqpException::channel(
+                ReplyCode::PreconditionFailed,
+                "partial tx completion",
+            ));
         }
         let mut frames = BytesMut::with_capacity(16);
         encode_method(

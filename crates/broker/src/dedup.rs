@@ -57,12 +57,30 @@ impl DedupWindow {
         false
     }
 
+    /// Whether `key` is in the window (without recording it).
+    pub fn seen(&mut self, key: &[u8], now: u64) -> bool {
+        self.evict(now);
+        self.seen.contains_key(key)
+    }
+
     /// Records a key seen at `at` (replay and checkpoints).
     pub fn insert(&mut self, key: Vec<u8>, at: u64) {
         self.seen.insert(key.clone(), at);
         self.order.push_back((key, at));
         self.dirty = true;
         self.evict(at);
+    }
+
+    /// Forgets `key` if it is the one recorded last (its message could not be stored).
+    pub fn forget_latest(&mut self, key: &[u8]) {
+        if let Some((last, at)) = self.order.back()
+            && last.as_slice() == key
+        {
+            if self.seen.get(key) == Some(at) {
+                self.seen.remove(key);
+            }
+            self.order.pop_back();
+        }
     }
 
     /// The keys in the window, oldest first, for a checkpoint.
@@ -95,5 +113,16 @@ mod tests {
         assert!(window.check_and_insert(b"c", 50));
         assert!(!window.check_and_insert(b"c", 200), "c expired");
         assert!(window.len() <= 2);
+    }
+
+    #[test]
+    fn forget_latest_undoes_only_the_last_insert() {
+        let mut window = DedupWindow::new(10, None);
+        assert!(!window.check_and_insert(b"a", 0));
+        assert!(!window.check_and_insert(b"b", 1));
+        window.forget_latest(b"a");
+        assert!(window.check_and_insert(b"a", 2), "a was not the latest");
+        window.forget_latest(b"b");
+        assert!(!window.check_and_insert(b"b", 3), "b forgotten");
     }
 }

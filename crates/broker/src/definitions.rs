@@ -33,6 +33,9 @@ pub struct ExchangeDefinition {
     /// The hidden queue of an `x-delayed-message` exchange.
     #[serde(default)]
     pub delay_queue: Option<QueueId>,
+    /// The id of its deduplication window.
+    #[serde(default)]
+    pub dedup_scope: Option<QueueId>,
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
@@ -88,6 +91,7 @@ impl Definitions {
                         name: exchange.name.clone(),
                         kind: exchange.kind,
                         delay_queue: exchange.delay_queue,
+                        dedup_scope: exchange.dedup_scope,
                         auto_delete: exchange.auto_delete,
                         internal: exchange.internal,
                         arguments: exchange.arguments.clone(),
@@ -157,6 +161,15 @@ impl Definitions {
                     exchange.arguments,
                 );
                 restored.delay_queue = exchange.delay_queue;
+                if let Some(scope) = exchange.dedup_scope {
+                    state.next_queue_id = state.next_queue_id.max(scope.0 + 1);
+                    restored.dedup_scope = Some(scope);
+                    restored.dedup =
+                        QueuePolicy::parse(&restored.arguments, &restored.name, &definitions.name)
+                            .ok()
+                            .and_then(|policy| policy.deduplication)
+                            .map(|(size, ttl)| crate::dedup::DedupWindow::new(size, ttl));
+                }
                 if let Some(id) = exchange.delay_queue {
                     delay_queues.push((id, exchange.name.clone()));
                 }

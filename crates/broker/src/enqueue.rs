@@ -56,8 +56,22 @@ pub struct Message<'a> {
     pub expiration: Option<u64>,
     /// Deduplication key (`x-deduplication-header` or `message-id`).
     pub dedup_key: Option<&'a [u8]>,
+    /// The exchange's deduplication window that already recorded the key (durable
+    /// exchanges only), so the record carries it for replay.
+    pub dedup_scope: Option<QueueId>,
     /// When the broker took it, ms since the UNIX epoch.
     pub published_at: u64,
+}
+
+/// What an exchange's deduplication window said about a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeDedup {
+    /// The exchange does not deduplicate (or does not exist).
+    NotDeduplicating,
+    /// Seen before: confirm, do not route.
+    Duplicate,
+    /// New key, now recorded; the scope to persist it under, for a durable exchange.
+    Recorded(Option<QueueId>),
 }
 
 /// Routing failed in a way the publisher must hear about.
@@ -157,26 +171,33 @@ impl State {
         let mut outcome = Enqueued::default();
         let mut accepted = Vec::with_capacity(targets.len());
         let mut refused_to_dead_letter = Vec::new();
-        let mut keyed = false;
+        let mut dedup_scopes: Vec<QueueId> = message.dedup_scope.into_iter().collect();
         for id in targets {
             let Some(queue) = self.queues.get_mut(id) else {
                 continue;
             };
-            if let (Some(window), Some(key)) = (queue.dedup.as_mut(), message.dedup_key) {
-                if window.check_and_insert(key, message.published_at) {
-                    queue.stats.duplicates += 1;
-                    outcome.duplicate = true;
-                    continue;
-                }
-                keyed = true;
+            let key = message.dedup_key.filter(|_| queue.dedup.is_some());
+            if let (Some(window), Some(key)) = (queue.dedup.as_mut(), key)
+                && window.seen(key, message.published_at)
+            {
+                queue.stats.duplicates += 1;
+                outcome.duplicate = true;
+                continue;
             }
             if queue.policy.overflow != Overflow::DropHead && queue.is_full_for(body_size) {
+                // Refused, so not remembered: the producer's retry must get in later.
                 outcome.rejected = true;
                 queue.stats.refused += 1;
                 if queue.policy.overflow == Overflow::RejectPublishDlx {
                     refused_to_dead_letter.push(*id);
                 }
                 continue;
+            }
+            if let (Some(window), Some(key)) = (queue.dedup.as_mut(), key) {
+                window.insert(key.to_vec(), message.published_at);
+                if queue.durable {
+                    dedup_scopes.push(*id);
+                }
             }
             accepted.push(*id);
         }
@@ -194,7 +215,10 @@ impl State {
                 persistent: message.persistent,
                 published_at: message.published_at,
                 expiration: message.expiration,
-                dedup_key: if keyed { message.dedup_key } else { None },
+                dedup: match message.dedup_key {
+                    Some(key) if !dedup_scopes.is_empty() => Some((key, &dedup_scopes)),
+                    _ => None,
+                },
                 exchange: message.exchange,
                 routing_key: message.routing_key,
                 durable_queues: &durable_queues,
@@ -203,7 +227,22 @@ impl State {
                 body: message.body,
             });
             let refs = u32::try_from(accepted.len()).unwrap_or(u32::MAX);
-            let appended = self.store.append(&record, refs)?;
+            let appended = match self.store.append(&record, refs) {
+                Ok(appended) => appended,
+                Err(err) => {
+                    // Nothing was stored: a retry must not be taken for a duplicate.
+                    if let Some(key) = message.dedup_key {
+                        for id in &accepted {
+                            if let Some(window) =
+                                self.queues.get_mut(id).and_then(|q| q.dedup.as_mut())
+                            {
+                                window.forget_latest(key);
+                            }
+                        }
+                    }
+                    return Err(err);
+                }
+            };
             outcome.stored = !accepted.is_empty();
             if !durable_queues.is_empty() {
                 outcome.durable_end = Some(appended.end);
@@ -272,10 +311,10 @@ impl State {
             if queue.delay_for.is_some() {
                 return;
             }
-            if !queue
+            if queue
                 .ready
                 .front()
-                .is_some_and(|entry| entry.expires_at <= now)
+                .is_none_or(|entry| entry.expires_at > now)
             {
                 return;
             }
@@ -283,6 +322,43 @@ impl State {
                 return;
             };
             self.dead_letter(queue_id, entry, DeathReason::Expired, settlements);
+        }
+    }
+
+    /// Checks (and records) a message key against the exchange's deduplication window.
+    pub fn exchange_dedup(
+        &mut self,
+        vhost: &str,
+        exchange: &str,
+        key: &[u8],
+        now: u64,
+    ) -> ExchangeDedup {
+        let Some(exchange) = self
+            .vhosts
+            .get_mut(vhost)
+            .and_then(|v| v.exchanges.get_mut(exchange))
+        else {
+            return ExchangeDedup::NotDeduplicating;
+        };
+        let Some(window) = exchange.dedup.as_mut() else {
+            return ExchangeDedup::NotDeduplicating;
+        };
+        if window.check_and_insert(key, now) {
+            ExchangeDedup::Duplicate
+        } else {
+            ExchangeDedup::Recorded(exchange.dedup_scope.filter(|_| exchange.durable))
+        }
+    }
+
+    /// Undoes the recording of `key` by the exchange's window (the publish failed).
+    pub fn exchange_dedup_forget(&mut self, vhost: &str, exchange: &str, key: &[u8]) {
+        if let Some(window) = self
+            .vhosts
+            .get_mut(vhost)
+            .and_then(|v| v.exchanges.get_mut(exchange))
+            .and_then(|e| e.dedup.as_mut())
+        {
+            window.forget_latest(key);
         }
     }
 
@@ -417,6 +493,7 @@ impl State {
             body: &stored.body,
             expiration,
             dedup_key: None,
+            dedup_scope: None,
             published_at: now,
         };
         match self.enqueue(&message, &targets, &settles, settlements) {
@@ -481,6 +558,7 @@ impl State {
             body: &stored.body,
             expiration: None,
             dedup_key: None,
+            dedup_scope: None,
             published_at: 0,
         };
         let settles: Vec<(QueueId, u64)> = if entry.recoverable {
@@ -571,6 +649,7 @@ impl State {
             body: original.body,
             expiration: None,
             dedup_key: None,
+            dedup_scope: None,
             published_at: now_ms(),
         };
         match self.enqueue(&message, &targets, settles, settlements) {

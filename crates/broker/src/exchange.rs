@@ -99,6 +99,11 @@ pub struct Exchange {
     /// For an `x-delayed-message` exchange (which routes like its `x-delayed-type`,
     /// `kind`): the hidden queue holding messages until their `x-delay` has passed.
     pub delay_queue: Option<QueueId>,
+    /// `x-message-deduplication` on the exchange: recent keys; duplicates are not
+    /// routed at all.
+    pub dedup: Option<crate::dedup::DedupWindow>,
+    /// The id its window is persisted under (from the queue id sequence, never reused).
+    pub dedup_scope: Option<QueueId>,
     bindings: Vec<Binding>,
     index: RoutingIndex,
 }
@@ -122,6 +127,8 @@ impl Exchange {
             internal,
             arguments,
             delay_queue: None,
+            dedup: None,
+            dedup_scope: None,
             bindings: Vec::new(),
             index: RoutingIndex::Empty,
         }

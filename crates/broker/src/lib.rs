@@ -9,6 +9,7 @@
 //! never the other way round, so the order is always broker state → store.
 #![warn(missing_docs)]
 
+pub mod alarm;
 mod arguments;
 mod broker;
 mod channel;
@@ -28,6 +29,7 @@ mod topic;
 
 use serde::{Deserialize, Serialize};
 
+pub use alarm::{AlarmConfig, AlarmState, Alarms, MemoryWatermark};
 pub use broker::{
     Broker, BrokerConfig, ConsumeRequest, GetOk, PublishOutcome, PublishRequest, QueueDeclare,
     QueueDeclareOk,

@@ -4,7 +4,7 @@
 //! ```text
 //! publish: 0x01 | flags u8 (bit 0: persistent, bit 1: has expiration, bit 2: has key)
 //!          | published at: u64 ms since the UNIX epoch | [expiration: u64 ms, if bit 1]
-//!          | [deduplication key: u16 len + bytes, if bit 2]
+//!          | [deduplication key: u16 len + bytes, scopes: u16 count + u64 each, if bit 2]
 //!          | exchange: u8 len + bytes | routing key: u8 len + bytes
 //!          | durable queue ids: u16 count + u64 each   (queues that must recover it)
 //!          | settled: u16 count + (queue id u64, position u64) each
@@ -38,6 +38,9 @@ const DEDUP_CHECKPOINT: u8 = 4;
 /// The deduplication windows of durable queues at one moment.
 pub type DedupCheckpoint = Vec<(QueueId, Vec<(Vec<u8>, u64)>)>;
 
+/// One window to checkpoint: its scope and its (key, seen at) pairs, borrowed.
+pub type WindowSnapshot<'a> = (QueueId, Vec<(&'a [u8], u64)>);
+
 /// A message as stored: everything a delivery needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
@@ -60,8 +63,9 @@ pub struct NewPublish<'a> {
     pub published_at: u64,
     /// Per-message TTL from the `expiration` property, in ms.
     pub expiration: Option<u64>,
-    /// Deduplication key, when a target queue deduplicates.
-    pub dedup_key: Option<&'a [u8]>,
+    /// Deduplication key and the windows (queue ids, exchange scope ids) that recorded
+    /// it, so that replay puts it back in each.
+    pub dedup: Option<(&'a [u8], &'a [QueueId])>,
     /// Exchange it was published to.
     pub exchange: &'a str,
     /// Routing key.
@@ -85,8 +89,8 @@ pub struct PublishHeader {
     pub published_at: u64,
     /// Per-message TTL in ms.
     pub expiration: Option<u64>,
-    /// Deduplication key.
-    pub dedup_key: Option<Vec<u8>>,
+    /// Deduplication key and the windows that recorded it.
+    pub dedup: Option<(Vec<u8>, Vec<QueueId>)>,
     /// Durable queues that must get it back after a restart.
     pub durable_queues: Vec<QueueId>,
     /// Entries removed by this record.
@@ -135,10 +139,13 @@ pub fn encode_publish(message: &NewPublish<'_>) -> BytesMut {
     if message.expiration.is_some() {
         flags |= HAS_EXPIRATION;
     }
-    let dedup_key = message
-        .dedup_key
-        .map(|key| &key[..key.len().min(u16::MAX as usize)]);
-    if dedup_key.is_some() {
+    let dedup = message.dedup.map(|(key, scopes)| {
+        (
+            &key[..key.len().min(u16::MAX as usize)],
+            &scopes[..scopes.len().min(u16::MAX as usize)],
+        )
+    });
+    if dedup.is_some() {
         flags |= HAS_DEDUP_KEY;
     }
     record.put_u8(PUBLISH);
@@ -147,9 +154,13 @@ pub fn encode_publish(message: &NewPublish<'_>) -> BytesMut {
     if let Some(expiration) = message.expiration {
         record.put_u64(expiration);
     }
-    if let Some(key) = dedup_key {
+    if let Some((key, scopes)) = dedup {
         record.put_u16(key.len() as u16);
         record.put_slice(key);
+        record.put_u16(scopes.len() as u16);
+        for scope in scopes {
+            record.put_u64(scope.0);
+        }
     }
     record.put_u8(exchange.len() as u8);
     record.put_slice(exchange);
@@ -194,7 +205,7 @@ pub fn encode_ack(acks: &[(QueueId, u64)]) -> BytesMut {
 
 /// Encodes a deduplication checkpoint.
 #[must_use]
-pub fn encode_dedup_checkpoint(checkpoint: &[(QueueId, Vec<(&[u8], u64)>)]) -> BytesMut {
+pub fn encode_dedup_checkpoint(checkpoint: &[WindowSnapshot<'_>]) -> BytesMut {
     let mut record = BytesMut::new();
     record.put_u8(DEDUP_CHECKPOINT);
     record.put_u32(checkpoint.len() as u32);
@@ -268,9 +279,15 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
             } else {
                 None
             };
-            let dedup_key = if flags & HAS_DEDUP_KEY != 0 {
+            let dedup = if flags & HAS_DEDUP_KEY != 0 {
                 let len = usize::from(reader.u16()?);
-                Some(reader.take(len)?.to_vec())
+                let key = reader.take(len)?.to_vec();
+                let count = usize::from(reader.u16()?);
+                let mut scopes = Vec::with_capacity(count);
+                for _ in 0..count {
+                    scopes.push(QueueId(reader.u64()?));
+                }
+                Some((key, scopes))
             } else {
                 None
             };
@@ -292,7 +309,7 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
                 persistent: flags & PERSISTENT != 0,
                 published_at,
                 expiration,
-                dedup_key,
+                dedup,
                 durable_queues,
                 settles,
                 body_size,
@@ -345,6 +362,8 @@ pub fn decode_message(record: &Bytes) -> Option<StoredMessage> {
     if flags & HAS_DEDUP_KEY != 0 {
         let len = usize::from(reader.u16()?);
         reader.take(len)?;
+        let scopes = usize::from(reader.u16()?);
+        reader.take(scopes * 8)?;
     }
     let exchange_len = reader.u8()? as usize;
     let exchange_at = reader.at;
@@ -377,7 +396,7 @@ mod tests {
             persistent: true,
             published_at: 1_700_000_000_000,
             expiration: Some(5000),
-            dedup_key: Some(b"order-7"),
+            dedup: Some((b"order-7", &[QueueId(9), QueueId(40)])),
             exchange: "amq.direct",
             routing_key: "key",
             durable_queues: &[QueueId(7), QueueId(9)],
@@ -392,7 +411,7 @@ mod tests {
                 persistent: true,
                 published_at: 1_700_000_000_000,
                 expiration: Some(5000),
-                dedup_key: Some(b"order-7".to_vec()),
+                dedup: Some((b"order-7".to_vec(), vec![QueueId(9), QueueId(40)])),
                 durable_queues: vec![QueueId(7), QueueId(9)],
                 settles: vec![(QueueId(3), 80)],
                 body_size: 4,

@@ -59,9 +59,9 @@ impl Replay {
                 if !header.persistent {
                     return;
                 }
-                if let Some(key) = &header.dedup_key {
-                    for queue in &header.durable_queues {
-                        let keys = self.dedup_keys.entry(*queue).or_default();
+                if let Some((key, scopes)) = &header.dedup {
+                    for scope in scopes {
+                        let keys = self.dedup_keys.entry(*scope).or_default();
                         keys.push_back((key.clone(), header.published_at));
                         if keys.len() > REPLAY_KEYS_PER_QUEUE {
                             keys.pop_front();
@@ -127,7 +127,7 @@ impl Replay {
     }
 
     /// The surviving entries of each queue, in log order.
-    pub fn into_queues(&mut self) -> HashMap<QueueId, Vec<RecoveredEntry>> {
+    pub fn take_queues(&mut self) -> HashMap<QueueId, Vec<RecoveredEntry>> {
         std::mem::take(&mut self.queues)
             .into_iter()
             .map(|(queue, entries)| {
@@ -156,7 +156,7 @@ mod tests {
             persistent,
             published_at: 1000,
             expiration: None,
-            dedup_key: None,
+            dedup: None,
             exchange: "",
             routing_key: "a",
             durable_queues: queues,
@@ -181,7 +181,7 @@ mod tests {
         replay.visit(LogPosition(170), &encode_requeue(&[(q1, 90)]));
         // A dead-letter move of q2's copy into q3: one record, both effects.
         replay.visit(LogPosition(200), &publish(true, &[q3], &[(q2, 8)]));
-        let queues = replay.into_queues();
+        let queues = replay.take_queues();
         let positions = |q| -> Vec<u64> {
             queues
                 .get(&q)

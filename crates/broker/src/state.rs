@@ -14,7 +14,7 @@ use crate::enqueue::now_ms;
 use crate::exchange::{Destination, Exchange, ExchangeKind};
 use crate::outbound::Outbound;
 use crate::queue::{Queue, QueueEntry};
-use crate::record::{encode_ack, encode_dedup_checkpoint, encode_requeue};
+use crate::record::{WindowSnapshot, encode_ack, encode_dedup_checkpoint, encode_requeue};
 use crate::{ChannelKey, ConnectionId, QueueId};
 
 /// A vhost's names.
@@ -152,7 +152,12 @@ impl State {
         let dirty = self
             .queues
             .values()
-            .any(|q| q.durable && q.dedup.as_ref().is_some_and(|w| w.dirty));
+            .any(|q| q.durable && q.dedup.as_ref().is_some_and(|w| w.dirty))
+            || self.vhosts.values().any(|v| {
+                v.exchanges
+                    .values()
+                    .any(|e| e.durable && e.dedup.as_ref().is_some_and(|w| w.dirty))
+            });
         // An old checkpoint pins its segment and, since segments go oldest first, every
         // later one: rewrite it once the log has moved a segment past it.
         let stale = self.dedup_checkpoint.is_some_and(|(position, _)| {
@@ -161,7 +166,7 @@ impl State {
         if !dirty && !stale {
             return;
         }
-        let mut windows: Vec<(QueueId, Vec<(&[u8], u64)>)> = Vec::new();
+        let mut windows: Vec<WindowSnapshot<'_>> = Vec::new();
         for queue in self.queues.values_mut() {
             if !queue.durable || queue.exclusive_owner.is_some() {
                 continue;

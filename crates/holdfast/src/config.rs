@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use holdfast_amqp::{ServerConfig, User};
+use holdfast_broker::MemoryWatermark;
+use holdfast_broker::alarm::{AlarmConfig, DEFAULT_DISK_FREE_LIMIT, DEFAULT_MEMORY_HIGH_WATERMARK};
 use holdfast_store::FsyncPolicy;
 use serde::Deserialize;
 
@@ -44,6 +46,23 @@ pub struct ServerArgs {
     /// with 406 (queues may set x-consumer-timeout) [default: 1800000].
     #[arg(long, env = "HOLDFAST_CONSUMER_TIMEOUT")]
     pub consumer_timeout: Option<u64>,
+    /// Publishers are blocked while the data directory's filesystem has fewer bytes
+    /// free than this [default: 52428800].
+    #[arg(long, env = "HOLDFAST_DISK_FREE_LIMIT")]
+    pub disk_free_limit: Option<u64>,
+    /// Publishers are blocked while the process's resident memory is above this: a
+    /// fraction of total memory (0.4) or bytes (1073741824) [default: 0.4].
+    #[arg(long, env = "HOLDFAST_MEMORY_HIGH_WATERMARK")]
+    pub memory_high_watermark: Option<MemoryWatermark>,
+}
+
+/// `memory_high_watermark` in the file: `0.4` or `1073741824`, or either as a string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileWatermark {
+    Bytes(u64),
+    Fraction(f64),
+    Text(String),
 }
 
 /// The configuration file's layout; every key optional.
@@ -59,6 +78,8 @@ struct FileConfig {
     channel_max: Option<u16>,
     heartbeat: Option<u16>,
     consumer_timeout: Option<u64>,
+    disk_free_limit: Option<u64>,
+    memory_high_watermark: Option<FileWatermark>,
     users: Option<Vec<User>>,
 }
 
@@ -70,6 +91,7 @@ pub struct Config {
     pub fsync: FsyncPolicy,
     pub segment_size: u64,
     pub consumer_timeout: Duration,
+    pub alarms: AlarmConfig,
     pub server: ServerConfig,
 }
 
@@ -98,6 +120,12 @@ pub enum ConfigError {
     NoUsers,
     #[error("consumer_timeout must be at least 1 ms")]
     ZeroConsumerTimeout,
+    #[error("invalid memory_high_watermark in config file: {0}")]
+    MemoryWatermark(String),
+    #[error(
+        "memory_high_watermark must be a fraction of total memory in (0, 1] or at least 1 byte, got {0}"
+    )]
+    MemoryWatermarkOutOfRange(MemoryWatermark),
 }
 
 impl Config {
@@ -126,6 +154,15 @@ impl Config {
                     .map_err(|err| ConfigError::Fsync(err.to_string()))
             })
             .transpose()?;
+        let file_watermark = match file.memory_high_watermark {
+            None => None,
+            Some(FileWatermark::Bytes(bytes)) => Some(MemoryWatermark::Absolute(bytes)),
+            Some(FileWatermark::Fraction(fraction)) => Some(MemoryWatermark::Fraction(fraction)),
+            Some(FileWatermark::Text(text)) => Some(
+                text.parse::<MemoryWatermark>()
+                    .map_err(|err| ConfigError::MemoryWatermark(err.to_string()))?,
+            ),
+        };
         let defaults = ServerConfig::default();
         let config = Config {
             data_dir: args
@@ -146,6 +183,16 @@ impl Config {
                     .or(file.consumer_timeout)
                     .unwrap_or(30 * 60 * 1000),
             ),
+            alarms: AlarmConfig {
+                disk_free_limit: args
+                    .disk_free_limit
+                    .or(file.disk_free_limit)
+                    .unwrap_or(DEFAULT_DISK_FREE_LIMIT),
+                memory_high_watermark: args
+                    .memory_high_watermark
+                    .or(file_watermark)
+                    .unwrap_or(DEFAULT_MEMORY_HIGH_WATERMARK),
+            },
             server: ServerConfig {
                 frame_max: args
                     .frame_max
@@ -181,6 +228,11 @@ impl Config {
         }
         if self.consumer_timeout.is_zero() {
             return Err(ConfigError::ZeroConsumerTimeout);
+        }
+        if !self.alarms.memory_high_watermark.is_valid() {
+            return Err(ConfigError::MemoryWatermarkOutOfRange(
+                self.alarms.memory_high_watermark,
+            ));
         }
         if self.server.users.is_empty() {
             return Err(ConfigError::NoUsers);
@@ -222,6 +274,84 @@ mod tests {
                 config: Some(path),
                 ..ServerArgs::default()
             }),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn alarm_options() {
+        let dir = std::env::temp_dir().join(format!("holdfast-alarms-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("holdfast.toml");
+        let load = |text: &str, args: ServerArgs| {
+            std::fs::write(&path, text).expect("write");
+            Config::load(ServerArgs {
+                config: Some(path.clone()),
+                ..args
+            })
+        };
+        let config = load("", ServerArgs::default()).expect("defaults");
+        assert_eq!(config.alarms, AlarmConfig::default());
+        assert_eq!(config.alarms.disk_free_limit, 50 * 1024 * 1024);
+        assert_eq!(
+            config.alarms.memory_high_watermark,
+            MemoryWatermark::Fraction(0.4)
+        );
+        let config = load(
+            "disk_free_limit = 1000\nmemory_high_watermark = 0.6\n",
+            ServerArgs::default(),
+        )
+        .expect("fraction");
+        assert_eq!(config.alarms.disk_free_limit, 1000);
+        assert_eq!(
+            config.alarms.memory_high_watermark,
+            MemoryWatermark::Fraction(0.6)
+        );
+        let config = load(
+            "memory_high_watermark = 1073741824\n",
+            ServerArgs::default(),
+        )
+        .expect("bytes");
+        assert_eq!(
+            config.alarms.memory_high_watermark,
+            MemoryWatermark::Absolute(1 << 30)
+        );
+        let config =
+            load("memory_high_watermark = \"0.5\"\n", ServerArgs::default()).expect("text");
+        assert_eq!(
+            config.alarms.memory_high_watermark,
+            MemoryWatermark::Fraction(0.5)
+        );
+        let config = load(
+            "memory_high_watermark = 0.6\ndisk_free_limit = 1\n",
+            ServerArgs {
+                memory_high_watermark: Some(MemoryWatermark::Absolute(5)),
+                disk_free_limit: Some(7),
+                ..ServerArgs::default()
+            },
+        )
+        .expect("flags win");
+        assert_eq!(
+            config.alarms,
+            AlarmConfig {
+                disk_free_limit: 7,
+                memory_high_watermark: MemoryWatermark::Absolute(5),
+            }
+        );
+        assert!(matches!(
+            load("memory_high_watermark = 1.5\n", ServerArgs::default()),
+            Err(ConfigError::MemoryWatermarkOutOfRange(_))
+        ));
+        assert!(matches!(
+            load("memory_high_watermark = 0\n", ServerArgs::default()),
+            Err(ConfigError::MemoryWatermarkOutOfRange(_))
+        ));
+        assert!(matches!(
+            load("memory_high_watermark = \"lots\"\n", ServerArgs::default()),
+            Err(ConfigError::MemoryWatermark(_))
+        ));
+        assert!(matches!(
+            load("disk_free_limit = -1\n", ServerArgs::default()),
             Err(ConfigError::Parse { .. })
         ));
     }

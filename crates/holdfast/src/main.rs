@@ -77,8 +77,13 @@ async fn run_server(config: Config) -> anyhow::Result<()> {
             fsync: config.fsync,
         },
         consumer_timeout: config.consumer_timeout,
+        alarms: config.alarms,
     })
     .with_context(|| format!("cannot open data directory {}", config.data_dir.display()))?;
+    broker
+        .alarms()
+        .spawn_monitor(holdfast_broker::alarm::ALARM_CHECK_INTERVAL)
+        .context("cannot start the resource alarm monitor")?;
     let listener = TcpListener::bind(config.amqp_listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.amqp_listen))?;

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -24,6 +24,7 @@ const TTL: Duration = Duration::ZERO;
 /// The filesystem served over FUSE.
 pub struct LazyFs {
     state: Mutex<LazyState>,
+    backing: std::path::PathBuf,
     uid: u32,
     gid: u32,
 }
@@ -38,6 +39,7 @@ impl LazyFs {
         let metadata = std::fs::metadata(backing)?;
         Ok(LazyFs {
             state: Mutex::new(LazyState::open(backing)?),
+            backing: backing.to_owned(),
             uid: metadata.uid(),
             gid: metadata.gid(),
         })
@@ -87,6 +89,25 @@ impl LazyFs {
 }
 
 impl Filesystem for LazyFs {
+    /// The backing filesystem's figures: the broker checks free space (disk alarm) on
+    /// its data directory, and fuser's default of zero blocks would look like a full
+    /// disk. Pending (unsynced) bytes live in memory and are not counted.
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match nix::sys::statvfs::statvfs(&self.backing) {
+            Ok(stats) => reply.statfs(
+                stats.blocks(),
+                stats.blocks_free(),
+                stats.blocks_available(),
+                stats.files(),
+                stats.files_free(),
+                u32::try_from(stats.block_size()).unwrap_or(4096),
+                u32::try_from(stats.name_max()).unwrap_or(255),
+                u32::try_from(stats.fragment_size()).unwrap_or(4096),
+            ),
+            Err(errno) => reply.error(Errno::from_i32(errno as i32)),
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent.0 == ROOT && name == CONTROL_NAME {
             reply.entry(&TTL, &self.control_attr(), Generation(0));

@@ -1,5 +1,7 @@
 //! The store's error types. [`StoreError`] is what operations return; [`StorePoisoned`] is
-//! the fatal state after a failed write or fsync, after which nothing is confirmed again.
+//! the fatal state after a failed fsync (or a failed write that could not be undone), after
+//! which nothing is confirmed again. A failed write that was undone is
+//! [`StoreError::WriteFailed`]: recoverable, the log is as it was before the call.
 
 use std::io;
 use std::path::PathBuf;
@@ -39,6 +41,18 @@ pub enum StoreError {
         /// Path of the lock file.
         path: PathBuf,
     },
+    /// A write failed (typically `ENOSPC`: the disk is full) and was undone: the segment
+    /// was cut back to its last good record, so nothing of the failed call is in the log
+    /// and later appends land right after the last good record. Not fatal: the caller
+    /// refuses the work (a publisher gets a nack) and may retry once space returns.
+    #[error("write failed and was undone while {context}")]
+    WriteFailed {
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+        /// What the store was doing.
+        context: String,
+    },
     /// The store is poisoned by an earlier failed write or fsync (see [`StorePoisoned`];
     /// the cause was logged at error level when it happened).
     #[error("store poisoned by an earlier write or fsync failure")]
@@ -72,6 +86,22 @@ impl StoreError {
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
         let context = context.into();
         move |source| StoreError::Io { source, context }
+    }
+}
+
+impl StoreError {
+    /// Whether this is a write refused for lack of space (`ENOSPC` or `EDQUOT`) that
+    /// left the log intact: the disk alarm's business, not a fatal error.
+    #[must_use]
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(
+            self,
+            StoreError::WriteFailed { source, .. }
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                )
+        )
     }
 }
 

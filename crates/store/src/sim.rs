@@ -3,7 +3,9 @@
 //! successful `sync_data`; each directory keeps its current names and, apart, the names as
 //! of its last `sync_dir`. [`SimFileSystem::power_loss`] kills the running instance (every
 //! later operation on it fails with `EIO`) and returns a fresh one holding only the
-//! durable state. `fail_sync` makes every `sync_data` fail, for poisoning tests.
+//! durable state. `fail_sync` makes every `sync_data` fail, for poisoning tests;
+//! `set_free_space` models a nearly full disk: a write that grows files past the free
+//! space writes what fits, then fails with `ENOSPC`, as a real short write would.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,6 +21,8 @@ use crate::file_layer::{FileSystem, LockGuard, LogFile};
 struct Flags {
     dead: AtomicBool,
     fail_sync: AtomicBool,
+    /// Bytes files may still grow by; `None` is unlimited.
+    free_space: Mutex<Option<u64>>,
 }
 
 impl Flags {
@@ -47,12 +51,25 @@ impl LogFile for SimFile {
         self.flags.check_alive()?;
         let mut contents = self.contents.lock();
         let start = usize::try_from(offset).map_err(io::Error::other)?;
-        let end = start + buf.len();
+        let mut end = start + buf.len();
+        let mut result = Ok(());
+        if let Some(free) = self.flags.free_space.lock().as_mut() {
+            let growth = end.saturating_sub(contents.current.len()) as u64;
+            if growth > *free {
+                end -= usize::try_from(growth - *free).map_err(io::Error::other)?;
+                *free = 0;
+                result = Err(io::Error::from(io::ErrorKind::StorageFull));
+            } else {
+                *free -= growth;
+            }
+        }
         if contents.current.len() < end {
             contents.current.resize(end, 0);
         }
-        contents.current[start..end].copy_from_slice(buf);
-        Ok(())
+        if end > start {
+            contents.current[start..end].copy_from_slice(&buf[..end - start]);
+        }
+        result
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -80,7 +97,20 @@ impl LogFile for SimFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.flags.check_alive()?;
         let len = usize::try_from(len).map_err(io::Error::other)?;
-        self.contents.lock().current.resize(len, 0);
+        let mut contents = self.contents.lock();
+        if let Some(free) = self.flags.free_space.lock().as_mut() {
+            let current = contents.current.len();
+            if len > current {
+                let growth = (len - current) as u64;
+                if growth > *free {
+                    return Err(io::Error::from(io::ErrorKind::StorageFull));
+                }
+                *free -= growth;
+            } else {
+                *free += (current - len) as u64;
+            }
+        }
+        contents.current.resize(len, 0);
         Ok(())
     }
 
@@ -107,6 +137,11 @@ impl SimFileSystem {
     /// Makes every later `sync_data` fail with `EIO` (or succeed again).
     pub(crate) fn set_fail_sync(&self, fail: bool) {
         self.flags.fail_sync.store(fail, Ordering::SeqCst);
+    }
+
+    /// Lets files grow by only `free` more bytes (`None`: unlimited again).
+    pub(crate) fn set_free_space(&self, free: Option<u64>) {
+        *self.flags.free_space.lock() = free;
     }
 
     /// Cuts the power: this instance fails every operation from now on; the returned one

@@ -225,8 +225,10 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::RecordTooLarge`] above 512 MiB; [`StoreError::Poisoned`] after an
-    /// earlier failure; [`StoreError::Io`] if this write fails (which poisons the store);
-    /// [`StoreError::Closed`] after shutdown.
+    /// earlier failure; [`StoreError::WriteFailed`] if the write fails (e.g. the disk is
+    /// full) and was undone: nothing of it is in the log and the store stays usable;
+    /// [`StoreError::Io`] if an fsync fails or a failed write cannot be undone (which
+    /// poisons the store); [`StoreError::Closed`] after shutdown.
     pub fn append(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
         let mut appended = self.append_batch(&[(payload, refs)])?;
         Ok(appended.pop().expect("one record in, one position out"))
@@ -569,7 +571,32 @@ impl Core {
             return Ok(());
         }
         if let Err(error) = writer.active.file.write_at(buf, offset) {
-            return Err(self.poison(writer, "writing a segment", error));
+            // A short write may have left a torn record: cut the file back to the last
+            // good record, so nothing torn sits before later appends. If even that
+            // fails, the file's contents are unknown and the store must stop.
+            return match writer.active.file.set_len(offset) {
+                Ok(()) => {
+                    tracing::warn!(
+                        segment = %writer.active.path.display(),
+                        offset,
+                        bytes = buf.len(),
+                        error = %error,
+                        "segment write failed; cut back to the last good record"
+                    );
+                    Err(StoreError::WriteFailed {
+                        source: error,
+                        context: "writing a segment".to_owned(),
+                    })
+                }
+                Err(truncate_error) => {
+                    tracing::error!(error = %error, "segment write failed");
+                    Err(self.poison(
+                        writer,
+                        "cutting a failed segment write back",
+                        truncate_error,
+                    ))
+                }
+            };
         }
         writer.active_len = offset + buf.len() as u64;
         writer.active.len.store(writer.active_len, Ordering::SeqCst);
@@ -587,17 +614,48 @@ impl Core {
         }
         let base = old.base + writer.active_len;
         let path = self.log_dir.join(segment_file_name(base));
-        let created = self.fs.open(&path, true).and_then(|file| {
+        let written = self.fs.open(&path, true).and_then(|file| {
             file.set_len(0)?;
             file.write_at(&MAGIC, 0)?;
-            self.sync_file(file.as_ref())?;
-            self.fs.sync_dir(&self.log_dir)?;
             Ok(file)
         });
-        let file = match created {
+        let file = match written {
             Ok(file) => file,
-            Err(error) => return Err(self.poison(writer, "creating a segment", error)),
+            // Nothing points into the new file yet: remove it (durably: a stale empty
+            // file named by an offset the old segment then grows past would overlap it
+            // after a crash) and stay on the old segment, so a full disk is a refused
+            // append, not a stopped node.
+            Err(error) => {
+                let removed = match self.fs.remove_file(&path) {
+                    Err(remove_error) if remove_error.kind() == io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                }
+                .and_then(|()| self.fs.sync_dir(&self.log_dir));
+                return match removed {
+                    Err(remove_error) => {
+                        tracing::error!(error = %error, "segment creation failed");
+                        Err(self.poison(
+                            writer,
+                            "removing a segment that could not be created",
+                            remove_error,
+                        ))
+                    }
+                    Ok(()) => {
+                        tracing::warn!(segment = %path.display(), error = %error, "segment creation failed; staying on the active segment");
+                        Err(StoreError::WriteFailed {
+                            source: error,
+                            context: "creating a segment".to_owned(),
+                        })
+                    }
+                };
+            }
         };
+        let synced = self
+            .sync_file(file.as_ref())
+            .and_then(|()| self.fs.sync_dir(&self.log_dir));
+        if let Err(error) = synced {
+            return Err(self.poison(writer, "creating a segment", error));
+        }
         let segment = Arc::new(Segment {
             base,
             path,

@@ -546,3 +546,78 @@ fn confirmed_records_survive_power_loss() {
     println!("power-loss test: {total_confirmed} confirmed records across 25 cuts");
     assert!(total_confirmed > 0);
 }
+
+/// A full disk: the short write is cut back, the caller gets a recoverable error, the
+/// store keeps working once space returns, and no torn bytes sit between records.
+#[test]
+fn failed_write_is_undone_and_the_store_keeps_working() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 1 << 20, FsyncPolicy::Always);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    let good = store.append(&payload(1, 100), 1).expect("append");
+    block_on(store.wait_durable(good.end)).expect("durable");
+    let before = store.stats();
+
+    fs.set_free_space(Some(50));
+    let refused = store.append(&payload(2, 100), 1);
+    let error = refused.expect_err("no room for 108 bytes");
+    assert!(matches!(error, StoreError::WriteFailed { .. }), "{error:?}");
+    assert!(error.is_out_of_space());
+    assert!(store.durable().borrow().is_ok(), "not poisoned");
+    assert_eq!(store.stats().written, before.written);
+
+    fs.set_free_space(None);
+    let next = store
+        .append(&payload(3, 100), 1)
+        .expect("append after space returns");
+    assert_eq!(
+        next.position.0, good.end,
+        "lands right after the last good record"
+    );
+    block_on(store.wait_durable(next.end)).expect("durable");
+    drop(store);
+
+    let (_store, visited) = open_sim(&fs, cfg).expect("reopen");
+    assert_eq!(
+        visited,
+        vec![
+            (good.position, payload(1, 100)),
+            (next.position, payload(3, 100))
+        ]
+    );
+}
+
+/// A segment that cannot be created for lack of space is removed again; appends stay
+/// on the old segment's successor once space returns.
+#[test]
+fn failed_segment_creation_is_undone() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Never);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    let first = store.append(&payload(1, 3000), 1).expect("append");
+    fs.set_free_space(Some(4));
+    let error = store
+        .append(&payload(2, 3000), 1)
+        .expect_err("no room for the new segment's magic");
+    assert!(error.is_out_of_space(), "{error:?}");
+    assert!(store.durable().borrow().is_ok(), "not poisoned");
+    assert_eq!(store.stats().segments, 1);
+
+    fs.set_free_space(None);
+    let second = store.append(&payload(3, 3000), 1).expect("append");
+    assert_eq!(
+        second.position.0,
+        first.end + MAGIC_LEN,
+        "rolled at first.end"
+    );
+    store.sync_all().expect("sync");
+    drop(store);
+    let (_store, visited) = open_sim(&fs, cfg).expect("reopen");
+    assert_eq!(
+        visited,
+        vec![
+            (first.position, payload(1, 3000)),
+            (second.position, payload(3, 3000))
+        ]
+    );
+}

@@ -7,7 +7,7 @@ use super::{
     not_found_queue, random_suffix,
 };
 use crate::channel::Unacked;
-use crate::enqueue::{Message, RouteError, now_ms};
+use crate::enqueue::{ExchangeDedup, Message, RouteError, now_ms};
 use crate::error::{AmqpException, AmqpResult, ReplyCode};
 use crate::queue::Consumer;
 use crate::state::Disposition;
@@ -128,6 +128,23 @@ impl Broker {
     ) -> AmqpResult<PublishOutcome> {
         let mut state = self.state.lock();
         let vhost = Self::vhost_of(&state, connection)?;
+        let now = now_ms();
+        let dedup_scope = match request.dedup_key.as_deref() {
+            Some(key) => match state.exchange_dedup(&vhost, &request.exchange, key, now) {
+                ExchangeDedup::Duplicate => {
+                    // Confirmed (the retry succeeds) but routed nowhere; the confirm
+                    // waits for everything written so far, the original included.
+                    return Ok(PublishOutcome {
+                        routed: true,
+                        rejected: false,
+                        durable_end: Some(self.store.stats().written),
+                    });
+                }
+                ExchangeDedup::Recorded(scope) => scope,
+                ExchangeDedup::NotDeduplicating => None,
+            },
+            None => None,
+        };
         let delayed = state.delay_for_publish(&vhost, &request.exchange, request.headers.as_ref());
         let targets = match delayed {
             Some((delay_queue, _)) => vec![delay_queue],
@@ -166,17 +183,37 @@ impl Broker {
             // In a delay queue, "expiry" is when the message is due.
             expiration: delayed.map_or(request.expiration, |(_, delay)| Some(delay)),
             dedup_key: request.dedup_key.as_deref(),
-            published_at: now_ms(),
+            dedup_scope,
+            published_at: now,
         };
         let mut settlements = Settlements::new(&self.store);
-        let enqueued = state
-            .enqueue(&message, &targets, &[], &mut settlements)
-            .map_err(|err| {
-                AmqpException::connection(
+        let enqueued = match state.enqueue(&message, &targets, &[], &mut settlements) {
+            Ok(enqueued) => enqueued,
+            // The log is intact and nothing was stored: nack (or, without confirms, drop
+            // and count) and block publishers until space returns.
+            Err(err) if err.is_out_of_space() => {
+                settlements.apply();
+                // Nothing was stored: the exchange must not remember the key either, or
+                // the producer's retry would be confirmed as a duplicate.
+                if let Some(key) = request.dedup_key.as_deref() {
+                    state.exchange_dedup_forget(&vhost, &request.exchange, key);
+                }
+                self.alarms.disk_write_refused();
+                self.alarms.count_refused_publish();
+                tracing::warn!(exchange = %request.exchange, routing_key = %request.routing_key, cause = %err, "publish refused for lack of disk space: nacked, or dropped without confirms");
+                return Ok(PublishOutcome {
+                    routed: true,
+                    rejected: true,
+                    durable_end: None,
+                });
+            }
+            Err(err) => {
+                return Err(AmqpException::connection(
                     ReplyCode::InternalError,
                     format!("message store failed: {err}"),
-                )
-            })?;
+                ));
+            }
+        };
         settlements.apply();
         Ok(PublishOutcome {
             routed: true,

@@ -4,7 +4,9 @@ use holdfast_codec::FieldTable;
 
 use super::{Broker, default_exchange_refused, inequivalent, not_found_exchange};
 use crate::ConnectionId;
-use crate::arguments::text;
+use crate::QueueId;
+use crate::arguments::{QueuePolicy, text};
+use crate::dedup::DedupWindow;
 use crate::definitions::is_builtin_exchange;
 use crate::error::{AmqpException, AmqpResult, ReplyCode};
 use crate::exchange::{Binding, DELAYED_MESSAGE, Destination, Exchange, ExchangeKind};
@@ -110,6 +112,14 @@ impl Broker {
         );
         if delayed {
             exchange.delay_queue = Some(state.create_delay_queue(&vhost_name, name, durable));
+        }
+        if let Some((size, ttl)) =
+            QueuePolicy::parse(&exchange.arguments, name, &vhost_name)?.deduplication
+        {
+            exchange.dedup = Some(DedupWindow::new(size, ttl));
+            let scope = QueueId(state.next_queue_id.max(1));
+            state.next_queue_id = scope.0 + 1;
+            exchange.dedup_scope = Some(scope);
         }
         if let Some(vhost) = state.vhosts.get_mut(&vhost_name) {
             vhost.exchanges.insert(name.to_owned(), exchange);

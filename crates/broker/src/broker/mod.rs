@@ -21,6 +21,7 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use tracing::{info, warn};
 
+use crate::alarm::{AlarmConfig, Alarms};
 use crate::channel::ChannelState;
 use crate::definitions::Definitions;
 use crate::enqueue::{expiry, now_ms};
@@ -40,6 +41,8 @@ pub struct BrokerConfig {
     /// How long a delivery may stay unacknowledged before its channel is closed with
     /// 406, for queues without `x-consumer-timeout`.
     pub consumer_timeout: Duration,
+    /// Free-disk limit and memory high-watermark.
+    pub alarms: AlarmConfig,
 }
 
 /// RabbitMQ's default consumer ack timeout.
@@ -55,6 +58,7 @@ impl BrokerConfig {
         Self {
             store,
             consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
+            alarms: AlarmConfig::default(),
         }
     }
 }
@@ -154,6 +158,7 @@ pub struct GetOk {
 pub struct Broker {
     state: Mutex<State>,
     store: Store,
+    alarms: Alarms,
 }
 
 fn not_found_queue(name: &str, vhost: &str) -> AmqpException {
@@ -250,12 +255,18 @@ impl Broker {
             definitions.restore(&mut state);
         }
         let mut recovered_messages = 0u64;
-        for (queue_id, keys) in std::mem::take(&mut replay.dedup_keys) {
-            if let Some(window) = state
-                .queues
-                .get_mut(&queue_id)
-                .and_then(|q| q.dedup.as_mut())
-            {
+        for (scope, keys) in std::mem::take(&mut replay.dedup_keys) {
+            // A scope is a queue id or the id of an exchange's window.
+            let window = match state.queues.get_mut(&scope) {
+                Some(queue) => queue.dedup.as_mut(),
+                None => state
+                    .vhosts
+                    .values_mut()
+                    .flat_map(|vhost| vhost.exchanges.values_mut())
+                    .find(|exchange| exchange.dedup_scope == Some(scope))
+                    .and_then(|exchange| exchange.dedup.as_mut()),
+            };
+            if let Some(window) = window {
                 for (key, at) in keys {
                     window.insert(key, at);
                 }
@@ -265,7 +276,7 @@ impl Broker {
             store.retain(position);
             state.dedup_checkpoint = Some((position, now_ms()));
         }
-        for (queue_id, entries) in replay.into_queues() {
+        for (queue_id, entries) in replay.take_queues() {
             let Some(queue) = state.queues.get_mut(&queue_id) else {
                 continue;
             };
@@ -290,6 +301,7 @@ impl Broker {
         let broker = Arc::new(Broker {
             state: Mutex::new(state),
             store,
+            alarms: Alarms::new(config.alarms, config.store.dir.clone()),
         });
         let weak = Arc::downgrade(&broker);
         std::thread::Builder::new()
@@ -374,6 +386,12 @@ impl Broker {
     #[must_use]
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The resource alarms (the caller starts their monitor).
+    #[must_use]
+    pub fn alarms(&self) -> &Alarms {
+        &self.alarms
     }
 
     /// Reads a stored message.

@@ -673,7 +673,6 @@ async fn failing_consumer_to_dead_letter_queue_and_replay_survive_kill_9() {
     let replayed = next_delivery(&mut consumer).await;
     assert_eq!(replayed.data, b"charge #7");
     replayed.ack(BasicAckOptions::default()).await.expect("ack");
-    let _ = consumer.next();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

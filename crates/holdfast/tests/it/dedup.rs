@@ -185,3 +185,146 @@ async fn the_window_survives_kill_9_and_segment_deletion() {
     send(&channel, "orders", "new", b"new").await;
     assert_eq!(message_count(&channel, "orders").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_level_deduplication_routes_a_key_once_across_kill_9() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start_in(binary(), &temp.path().join("data"), &[]);
+    {
+        let connection = server.connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm");
+        channel
+            .exchange_declare(
+                "events".into(),
+                lapin::ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                dedup_args(100),
+            )
+            .await
+            .expect("exchange");
+        for queue in ["ev-a", "ev-b"] {
+            declare(&channel, queue, true).await;
+            channel
+                .queue_bind(
+                    queue.into(),
+                    "events".into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("bind");
+        }
+        for id in ["e1", "e1", "e2"] {
+            let confirm = channel
+                .basic_publish(
+                    "events".into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    id.as_bytes(),
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_message_id(id.into()),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+            assert!(confirm.is_ack());
+        }
+        assert_eq!(message_count(&channel, "ev-a").await, 2);
+        assert_eq!(message_count(&channel, "ev-b").await, 2);
+    }
+    server.kill9();
+    server.restart();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm");
+    channel
+        .basic_publish(
+            "events".into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"e2",
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id("e2".into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert_eq!(
+        message_count(&channel, "ev-a").await,
+        2,
+        "the retry after the crash was recognised"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_publish_is_not_remembered() {
+    let server = crate::start();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm");
+    let mut arguments = dedup_args(100);
+    arguments.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(1));
+    arguments.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    channel
+        .queue_declare(
+            "full-dedup".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("declare");
+    let publish_id = |id: &'static str| {
+        let channel = channel.clone();
+        async move {
+            channel
+                .basic_publish(
+                    "".into(),
+                    "full-dedup".into(),
+                    BasicPublishOptions::default(),
+                    id.as_bytes(),
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_message_id(id.into()),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirmation")
+        }
+    };
+    assert!(publish_id("a").await.is_ack());
+    assert!(publish_id("b").await.is_nack(), "queue full");
+    assert_eq!(
+        get_body(&channel, "full-dedup").await.as_deref(),
+        Some(&b"a"[..])
+    );
+    assert!(publish_id("b").await.is_ack(), "the retry gets in");
+    assert_eq!(
+        get_body(&channel, "full-dedup").await.as_deref(),
+        Some(&b"b"[..])
+    );
+}

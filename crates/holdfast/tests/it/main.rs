@@ -1,6 +1,7 @@
 //! Integration tests: the real `holdfast` binary, driven by lapin (a third-party client)
 //! and by raw bytes over TCP.
 
+mod alarms;
 mod bad_input;
 mod bench;
 mod confirms_tx;

@@ -285,12 +285,10 @@ impl RawClient {
             })),
         )
         .await;
-        loop {
-            match self.expect_method().await {
-                (0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => break,
-                _ => {}
-            }
-        }
+        while !matches!(
+            self.expect_method().await,
+            (0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)))
+        ) {}
         self.assert_closed().await;
     }
 }
