@@ -63,6 +63,17 @@ pub struct Message<'a> {
     pub published_at: u64,
 }
 
+/// What became of a dead-lettered copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyOutcome {
+    /// Written, with the removal of the original.
+    Written,
+    /// Nowhere to go (no dead-letter exchange, routed nowhere, cycle): dropped, counted.
+    Dropped,
+    /// The log refused the write: the original must stay.
+    WriteFailed,
+}
+
 /// What an exchange's deduplication window said about a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExchangeDedup {
@@ -297,7 +308,9 @@ impl State {
             let Some(entry) = queue.pop() else {
                 return;
             };
-            self.dead_letter(queue_id, entry, DeathReason::Maxlen, settlements);
+            if !self.dead_letter(queue_id, entry, DeathReason::Maxlen, settlements) {
+                return;
+            }
         }
     }
 
@@ -321,7 +334,9 @@ impl State {
             let Some(entry) = queue.pop() else {
                 return;
             };
-            self.dead_letter(queue_id, entry, DeathReason::Expired, settlements);
+            if !self.dead_letter(queue_id, entry, DeathReason::Expired, settlements) {
+                return;
+            }
         }
     }
 
@@ -510,16 +525,19 @@ impl State {
     /// Moves an entry that left `queue_id` to the queue's dead-letter exchange, or drops
     /// it if the queue has none. The move is one log record (new copy + removal of the
     /// original), so a crash leaves the message in exactly one place.
+    ///
+    /// Returns false when the copy could not be written (no disk space): the entry is
+    /// then back in its queue, and loops that dead-letter must stop for now.
     pub fn dead_letter(
         &mut self,
         queue_id: QueueId,
         entry: QueueEntry,
         reason: DeathReason,
         settlements: &mut Settlements<'_>,
-    ) {
+    ) -> bool {
         let Some(queue) = self.queues.get_mut(&queue_id) else {
             settlements.release(entry.message.position);
-            return;
+            return true;
         };
         queue.stats.count_death(reason);
         if queue.policy.dead_letter_exchange.is_none() {
@@ -529,23 +547,23 @@ impl State {
                 debug!(queue = %queue.name, reason = reason.as_str(), "message dropped (no dead-letter exchange)");
             }
             settlements.settle(queue_id, &entry);
-            return;
+            return true;
         }
         let record = match self.store.read(entry.message.position, entry.message.len) {
             Ok(record) => record,
             Err(err) => {
                 warn!(cause = %err, "dead-lettering: original unreadable; dropped");
                 settlements.settle(queue_id, &entry);
-                return;
+                return true;
             }
         };
         let Some(stored) = decode_message(&record) else {
             settlements.settle(queue_id, &entry);
-            return;
+            return true;
         };
         let Ok(properties) = decode_properties(&stored.properties) else {
             settlements.settle(queue_id, &entry);
-            return;
+            return true;
         };
         let exchange = String::from_utf8_lossy(&stored.exchange).into_owned();
         let routing_key = String::from_utf8_lossy(&stored.routing_key).into_owned();
@@ -566,12 +584,20 @@ impl State {
         } else {
             Vec::new()
         };
-        if self.dead_letter_copy(queue_id, reason, &original, &settles, settlements) {
+        match self.dead_letter_copy(queue_id, reason, &original, &settles, settlements) {
             // The new record carries the removal; only our reference remains to drop.
-            settlements.release(entry.message.position);
-        } else {
-            settlements.settle(queue_id, &entry);
+            CopyOutcome::Written => settlements.release(entry.message.position),
+            CopyOutcome::Dropped => settlements.settle(queue_id, &entry),
+            // Nothing may vanish because the disk is full: the message goes back to its
+            // place and is dead-lettered later (or delivered, if it was not expired).
+            CopyOutcome::WriteFailed => {
+                if let Some(queue) = self.queues.get_mut(&queue_id) {
+                    queue.push(entry);
+                }
+                return false;
+            }
         }
+        true
     }
 
     /// Publishes the dead-lettered copy of `original` (which died in `queue_id`) to the
@@ -584,18 +610,18 @@ impl State {
         original: &Message<'_>,
         settles: &[(QueueId, u64)],
         settlements: &mut Settlements<'_>,
-    ) -> bool {
+    ) -> CopyOutcome {
         let Some(queue) = self.queues.get(&queue_id) else {
-            return false;
+            return CopyOutcome::Dropped;
         };
         let Some(exchange) = queue.policy.dead_letter_exchange.clone() else {
-            return false;
+            return CopyOutcome::Dropped;
         };
         let queue_name = queue.name.clone();
         let vhost = queue.vhost.clone();
         let dead_letter_key = queue.policy.dead_letter_routing_key.clone();
         let Ok(properties) = decode_properties(original.properties) else {
-            return false;
+            return CopyOutcome::Dropped;
         };
         let keys = routing_keys(original.routing_key, original.headers);
         let copy = record_death(
@@ -620,7 +646,7 @@ impl State {
                 Ok(found) => targets.extend(found),
                 Err(_) => {
                     warn!(queue = %queue_name, dead_letter_exchange = %exchange, "dead-letter exchange missing; message dropped");
-                    return false;
+                    return CopyOutcome::Dropped;
                 }
             }
         }
@@ -638,7 +664,7 @@ impl State {
         }
         if targets.is_empty() {
             debug!(queue = %queue_name, "dead-lettered message routed nowhere; dropped");
-            return false;
+            return CopyOutcome::Dropped;
         }
         let message = Message {
             exchange: &exchange,
@@ -653,10 +679,10 @@ impl State {
             published_at: now_ms(),
         };
         match self.enqueue(&message, &targets, settles, settlements) {
-            Ok(_) => true,
+            Ok(_) => CopyOutcome::Written,
             Err(err) => {
-                warn!(cause = %err, "dead-letter copy could not be written; dropped");
-                false
+                warn!(cause = %err, "dead-letter copy could not be written; the original stays");
+                CopyOutcome::WriteFailed
             }
         }
     }
