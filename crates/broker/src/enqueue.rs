@@ -238,7 +238,14 @@ impl State {
                 body: message.body,
             });
             let refs = u32::try_from(accepted.len()).unwrap_or(u32::MAX);
-            let appended = match self.store.append(&record, refs) {
+            // Only a message some queue must recover asks for an fsync of its own; the
+            // rest (transient messages, copies nobody waits for) ride along with the next.
+            let written = if durable_queues.is_empty() {
+                self.store.append_lazy(&record, refs)
+            } else {
+                self.store.append(&record, refs)
+            };
+            let appended = match written {
                 Ok(appended) => appended,
                 Err(err) => {
                     // Nothing was stored: a retry must not be taken for a duplicate.
@@ -288,6 +295,7 @@ impl State {
             // The original may still be waiting for its fsync: the duplicate's confirm
             // must not overtake it, so it waits for everything written so far.
             let written = self.store.stats().written;
+            self.store.request_durable(written);
             outcome.durable_end = Some(outcome.durable_end.unwrap_or(0).max(written));
         }
         for id in refused_to_dead_letter {

@@ -182,6 +182,8 @@ impl State {
                 ));
             }
         }
+        // Requested, not lazy: the previous checkpoint is released (and its segments may be
+        // deleted) right after, so this one must be on disk.
         match self.store.append(&encode_dedup_checkpoint(&windows), 1) {
             Ok(appended) => {
                 if let Some((previous, _)) = self.dedup_checkpoint.replace((appended.position, now))
@@ -271,12 +273,12 @@ impl<'a> Settlements<'a> {
     pub fn apply(self) {
         let store = self.store;
         if !self.requeues.is_empty()
-            && let Err(err) = store.append(&encode_requeue(&self.requeues), 0)
+            && let Err(err) = store.append_lazy(&encode_requeue(&self.requeues), 0)
         {
             error!(cause = %err, "requeue record could not be written");
         }
         if !self.acks.is_empty()
-            && let Err(err) = store.append(&encode_ack(&self.acks), 0)
+            && let Err(err) = store.append_lazy(&encode_ack(&self.acks), 0)
         {
             error!(cause = %err, "ack record could not be written");
         }

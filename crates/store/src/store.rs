@@ -106,6 +106,10 @@ struct Writer {
     written: u64,
     /// Every byte below this is fsynced.
     synced: u64,
+    /// Highest offset somebody waits to see durable. Under `Always` the flusher syncs
+    /// only while this is ahead of `synced`: records nobody waits for (acks, transient
+    /// messages) ride along with the next requested fsync instead of causing their own.
+    requested: u64,
     poisoned: Option<StorePoisoned>,
     shutdown: bool,
 }
@@ -190,6 +194,7 @@ impl Store {
                 active_len,
                 written,
                 synced: written,
+                requested: written,
                 poisoned: None,
                 shutdown: false,
             }),
@@ -241,8 +246,33 @@ impl Store {
     /// As [`Store::append`]. If a later record of the batch fails, earlier ones may be in
     /// the log (and be replayed after a restart) although the call returned an error.
     pub fn append_batch(&self, payloads: &[(&[u8], u32)]) -> Result<Vec<Appended>, StoreError> {
+        self.append_records(payloads, true)
+    }
+
+    /// Appends a record that nobody will wait on (an ack, a transient message): under
+    /// `Always` it does not start an fsync of its own but becomes durable with the next
+    /// requested one (or at shutdown). A crash may lose it, which its writer must accept.
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub fn append_lazy(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
+        let mut appended = self.append_records(&[(payload, refs)], false)?;
+        Ok(appended.pop().expect("one record in, one position out"))
+    }
+
+    /// Asks for everything up to `end` to become durable (under `Always`; the other
+    /// policies confirm on write). Waiters then watch [`Store::durable`].
+    pub fn request_durable(&self, end: u64) {
+        self.handle.core.request(end);
+    }
+
+    fn append_records(
+        &self,
+        payloads: &[(&[u8], u32)],
+        request: bool,
+    ) -> Result<Vec<Appended>, StoreError> {
         let core = &self.handle.core;
-        let (appended, rolled) = core.append_batch(payloads)?;
+        let (appended, rolled) = core.append_batch(payloads, request)?;
         if rolled && core.gc_enabled.load(Ordering::SeqCst) {
             core.collect_garbage();
         }
@@ -353,6 +383,7 @@ impl Store {
     /// # Errors
     /// The poison if the store is (or becomes) poisoned before that.
     pub async fn wait_durable(&self, end: u64) -> Result<(), StorePoisoned> {
+        self.request_durable(end);
         let mut receiver = self.durable();
         loop {
             match &*receiver.borrow_and_update() {
@@ -506,7 +537,22 @@ impl Drop for Handle {
 }
 
 impl Core {
-    fn append_batch(&self, payloads: &[(&[u8], u32)]) -> Result<(Vec<Appended>, bool), StoreError> {
+    /// Raises the requested durability offset (bounded by what is written) and wakes the
+    /// flusher.
+    fn request(&self, end: u64) {
+        let mut writer = self.writer.lock();
+        let end = end.min(writer.written);
+        if end > writer.requested {
+            writer.requested = end;
+            self.flusher_wake.notify_all();
+        }
+    }
+
+    fn append_batch(
+        &self,
+        payloads: &[(&[u8], u32)],
+        request: bool,
+    ) -> Result<(Vec<Appended>, bool), StoreError> {
         for (payload, _) in payloads {
             if payload.len() > MAX_RECORD_SIZE {
                 return Err(StoreError::RecordTooLarge {
@@ -552,7 +598,10 @@ impl Core {
             .fetch_add(payloads.len() as u64, Ordering::SeqCst);
         match self.policy {
             FsyncPolicy::Always => {
-                self.flusher_wake.notify_all();
+                if request {
+                    writer.requested = writer.written;
+                    self.flusher_wake.notify_all();
+                }
             }
             FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.publish(writer.written),
         }
@@ -758,7 +807,7 @@ impl Core {
             }
             match self.policy {
                 FsyncPolicy::Always => {
-                    if writer.written > writer.synced {
+                    if writer.requested > writer.synced {
                         // A failure poisons the store; the loop then exits.
                         let _ = self.sync_locked(&mut writer);
                     } else {

@@ -621,3 +621,37 @@ fn failed_segment_creation_is_undone() {
         ]
     );
 }
+
+#[test]
+fn lazy_appends_wait_for_a_requested_fsync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(StoreConfig::new(dir.path()), |_, _| {}).expect("open");
+    let before = store.stats().fsyncs;
+    let mut last = None;
+    for _ in 0..50 {
+        last = Some(store.append_lazy(b"ack record", 0).expect("append"));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(store.stats().fsyncs, before, "nobody asked: no fsync");
+    let end = last.expect("appended").end;
+    store.request_durable(end);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.stats().durable < end {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requested fsync never happened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(store.stats().fsyncs > before);
+    // A normal append is requested by itself.
+    let appended = store.append(b"message", 1).expect("append");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.stats().durable < appended.end {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "append was not made durable"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -137,7 +137,11 @@ impl Broker {
                     return Ok(PublishOutcome {
                         routed: true,
                         rejected: false,
-                        durable_end: Some(self.store.stats().written),
+                        durable_end: {
+                            let written = self.store.stats().written;
+                            self.store.request_durable(written);
+                            Some(written)
+                        },
                     });
                 }
                 ExchangeDedup::Recorded(scope) => scope,
