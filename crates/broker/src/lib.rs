@@ -40,6 +40,8 @@ pub use outbound::Outbound;
 pub use queue::MessageRef;
 pub use record::StoredMessage;
 pub use state::Disposition;
+/// The topic-pattern trie behind topic exchanges; public for `benches/routing.rs`.
+pub use topic::TopicTrie;
 
 /// Identifies a connection for the lifetime of the process.
 pub type ConnectionId = u64;
