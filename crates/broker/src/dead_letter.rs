@@ -53,11 +53,7 @@ fn long(text: &str) -> AMQPValue {
 }
 
 fn text_of(value: Option<&AMQPValue>) -> Option<String> {
-    match value? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
+    crate::arguments::text(value?)
 }
 
 fn deaths(headers: &FieldTable) -> Vec<FieldTable> {

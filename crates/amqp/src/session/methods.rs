@@ -55,14 +55,11 @@ impl Session {
                     declare.internal,
                     declare.arguments,
                 )?;
-                if !declare.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
-                            exchange::DeclareOk {},
-                        )),
-                    );
-                }
+                self.reply_unless_nowait(
+                    declare.nowait,
+                    channel_id,
+                    AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})),
+                );
                 Ok(())
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Delete(delete)) => {
@@ -71,12 +68,11 @@ impl Session {
                     delete.exchange.as_str(),
                     delete.if_unused,
                 )?;
-                if !delete.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
-                    );
-                }
+                self.reply_unless_nowait(
+                    delete.nowait,
+                    channel_id,
+                    AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                );
                 Ok(())
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Bind(bind)) => {
@@ -88,12 +84,11 @@ impl Session {
                     bind.routing_key.as_str(),
                     bind.arguments,
                 )?;
-                if !bind.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
-                    );
-                }
+                self.reply_unless_nowait(
+                    bind.nowait,
+                    channel_id,
+                    AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                );
                 Ok(())
             }
             AMQPClass::Exchange(exchange::AMQPMethod::Unbind(unbind)) => {
@@ -105,12 +100,11 @@ impl Session {
                     unbind.routing_key.as_str(),
                     unbind.arguments,
                 )?;
-                if !unbind.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
-                    );
-                }
+                self.reply_unless_nowait(
+                    unbind.nowait,
+                    channel_id,
+                    AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                );
                 Ok(())
             }
             AMQPClass::Queue(queue::AMQPMethod::Declare(declare)) => {
@@ -126,16 +120,15 @@ impl Session {
                     },
                 )?;
                 self.channel(channel_id)?.last_queue = Some(ok.name.clone());
-                if !declare.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                            queue: ok.name.into(),
-                            message_count: ok.message_count,
-                            consumer_count: ok.consumer_count,
-                        })),
-                    );
-                }
+                self.reply_unless_nowait(
+                    declare.nowait,
+                    channel_id,
+                    AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                        queue: ok.name.into(),
+                        message_count: ok.message_count,
+                        consumer_count: ok.consumer_count,
+                    })),
+                );
                 Ok(())
             }
             AMQPClass::Queue(queue::AMQPMethod::Bind(bind)) => {
@@ -147,12 +140,11 @@ impl Session {
                     bind.routing_key.as_str(),
                     bind.arguments,
                 )?;
-                if !bind.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
-                    );
-                }
+                self.reply_unless_nowait(
+                    bind.nowait,
+                    channel_id,
+                    AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                );
                 Ok(())
             }
             AMQPClass::Queue(queue::AMQPMethod::Unbind(unbind)) => {
@@ -175,14 +167,11 @@ impl Session {
                     connection,
                     &self.queue_name(channel_id, purge.queue.as_str())?,
                 )?;
-                if !purge.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
-                            message_count,
-                        })),
-                    );
-                }
+                self.reply_unless_nowait(
+                    purge.nowait,
+                    channel_id,
+                    AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count })),
+                );
                 Ok(())
             }
             AMQPClass::Queue(queue::AMQPMethod::Delete(delete)) => {
@@ -192,14 +181,13 @@ impl Session {
                     delete.if_unused,
                     delete.if_empty,
                 )?;
-                if !delete.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
-                            message_count,
-                        })),
-                    );
-                }
+                self.reply_unless_nowait(
+                    delete.nowait,
+                    channel_id,
+                    AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                        message_count,
+                    })),
+                );
                 Ok(())
             }
             AMQPClass::Basic(basic::AMQPMethod::Qos(qos)) => {
@@ -220,28 +208,26 @@ impl Session {
                         exclusive: consume.exclusive,
                     },
                 )?;
-                if !consume.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
-                            consumer_tag: tag.as_ref().into(),
-                        })),
-                    );
-                }
+                self.reply_unless_nowait(
+                    consume.nowait,
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                        consumer_tag: tag.as_ref().into(),
+                    })),
+                );
                 // Deliveries only after consume-ok, which is queued ahead of them.
                 self.broker.dispatch(queue_id);
                 Ok(())
             }
             AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)) => {
                 self.broker.basic_cancel(key, cancel.consumer_tag.as_str());
-                if !cancel.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
-                            consumer_tag: cancel.consumer_tag,
-                        })),
-                    );
-                }
+                self.reply_unless_nowait(
+                    cancel.nowait,
+                    channel_id,
+                    AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                        consumer_tag: cancel.consumer_tag,
+                    })),
+                );
                 Ok(())
             }
             // A reply to our server-initiated cancel.
@@ -309,12 +295,11 @@ impl Session {
                 if session.confirm_seq.is_none() {
                     session.confirm_seq = Some(1);
                 }
-                if !select.nowait {
-                    self.send(
-                        channel_id,
-                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
-                    );
-                }
+                self.reply_unless_nowait(
+                    select.nowait,
+                    channel_id,
+                    AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                );
                 Ok(())
             }
             AMQPClass::Tx(tx::AMQPMethod::Select(_)) => {

@@ -117,6 +117,13 @@ impl Session {
         let _ = self.writer.send(WriterItem::Frames(frames));
     }
 
+    /// Sends the `-ok` of a method unless the client asked for `nowait`.
+    fn reply_unless_nowait(&self, nowait: bool, channel: u16, reply: AMQPClass) {
+        if !nowait {
+            self.send(channel, reply);
+        }
+    }
+
     /// Sends a reply that must not overtake the confirms already queued.
     fn send_after_confirms(&self, channel: u16, reply: AMQPClass) {
         let mut frames = BytesMut::with_capacity(32);
