@@ -52,6 +52,9 @@ pub enum ErrorKind {
     /// The producer was shut down or a background task was cancelled.
     #[error("the producer is closed")]
     Closed,
+    /// The database behind the outbox or the processed-message store failed.
+    #[error("database error: {0}")]
+    Database(String),
     /// Any other client-side failure.
     #[error("client error: {0}")]
     Other(String),
@@ -180,5 +183,11 @@ impl From<lapin::Error> for Error {
             message_id: None,
             source: Some(err),
         }))
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        Error::new(ErrorKind::Database(err.to_string()))
     }
 }

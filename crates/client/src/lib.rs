@@ -35,14 +35,25 @@
 #![warn(missing_docs)]
 
 mod config;
+pub mod consumer;
 mod error;
 mod message;
+pub mod outbox;
 mod producer;
+mod sql;
 
 pub use config::{ProducerConfig, RetryPolicy};
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerHandle, Delivery, IdempotentConsumer, Outcome, TxOutcome,
+};
 pub use error::{Error, ErrorKind};
 pub use message::Message;
+pub use outbox::{Outbox, Relay, RelayConfig};
 pub use producer::{Confirmation, Producer, SendHandle};
+pub use sql::Backend;
+
+/// sqlx, for pools and transactions of the outbox and the idempotent consumer.
+pub use sqlx;
 
 /// The lapin crate, for its option and field-table types used in declarations.
 pub use lapin;
