@@ -184,6 +184,22 @@ impl std::future::Future for SendHandle {
     }
 }
 
+fn confirmation_result(confirmation: lapin::Confirmation) -> Result<(), ErrorKind> {
+    match confirmation {
+        lapin::Confirmation::Ack(None) => Ok(()),
+        lapin::Confirmation::Ack(Some(ret)) | lapin::Confirmation::Nack(Some(ret)) => {
+            Err(ErrorKind::Returned {
+                reply_code: ret.reply_code,
+                reply_text: ret.reply_text.to_string(),
+            })
+        }
+        lapin::Confirmation::Nack(None) => Err(ErrorKind::Nacked),
+        lapin::Confirmation::NotRequested => Err(ErrorKind::Other(
+            "publisher confirms are not enabled on the channel".into(),
+        )),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain data (an Arc or a Vec) intact.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -232,8 +248,25 @@ impl Producer {
         self.inner.send(message, id).await
     }
 
+    /// Sends `messages` in order, pipelined: all are published back to back on one
+    /// channel (so the broker receives them in this order), then their confirms are
+    /// awaited. Results are in the same order; a message whose first attempt failed is
+    /// retried on its own per the policy (after that, order is not kept).
+    pub async fn send_all(&self, messages: Vec<Message>) -> Vec<Result<Confirmation, Error>> {
+        let messages = messages
+            .into_iter()
+            .map(|mut m| {
+                let id = m.ensure_id();
+                (m, id)
+            })
+            .collect();
+        self.inner.send_all(messages).await
+    }
+
     /// Starts sending `message` on its own task and returns at once; the handle resolves
     /// like [`send`](Self::send). Any number may be in flight; they share one channel.
+    /// Concurrent sends reach the broker in no particular order (use
+    /// [`send_all`](Self::send_all) for a batch that must stay in order).
     ///
     /// # Panics
     /// When called outside a tokio runtime.
@@ -444,29 +477,99 @@ impl Inner {
         };
         let confirmation = match tokio::time::timeout(timeout, publish).await {
             Err(_) => return Err(ErrorKind::Timeout),
-            Ok(Err(e)) => {
-                let kind = Error::from(e).kind().clone();
-                if matches!(kind, ErrorKind::ConnectionLost | ErrorKind::Protocol { .. }) {
-                    // A channel closed by a protocol error is as unusable as a dead
-                    // connection: start over on a fresh one.
-                    self.drop_link(link.generation);
-                }
-                return Err(kind);
-            }
+            Ok(Err(e)) => return Err(self.publish_failed(&link, e)),
             Ok(Ok(c)) => c,
         };
-        match confirmation {
-            lapin::Confirmation::Ack(None) => Ok(()),
-            lapin::Confirmation::Ack(Some(ret)) | lapin::Confirmation::Nack(Some(ret)) => {
-                Err(ErrorKind::Returned {
-                    reply_code: ret.reply_code,
-                    reply_text: ret.reply_text.to_string(),
-                })
+        confirmation_result(confirmation)
+    }
+
+    /// The kind of a failed publish; a channel closed by a protocol error is as
+    /// unusable as a dead connection, so both make the next attempt start over on a
+    /// fresh link.
+    fn publish_failed(&self, link: &Link, e: lapin::Error) -> ErrorKind {
+        let kind = Error::from(e).kind().clone();
+        if matches!(kind, ErrorKind::ConnectionLost | ErrorKind::Protocol { .. }) {
+            self.drop_link(link.generation);
+        }
+        kind
+    }
+
+    /// Publishes `messages` back to back in order on one channel, then waits for their
+    /// confirms; a failed one gets the usual retries on its own.
+    async fn send_all(&self, messages: Vec<(Message, String)>) -> Vec<Result<Confirmation, Error>> {
+        let timeout = self.config.confirm_timeout;
+        let mut first = Vec::with_capacity(messages.len());
+        match self.link().await {
+            Ok(link) => {
+                let mut broken = None;
+                for (message, _) in &messages {
+                    if let Some(kind) = &broken {
+                        first.push(Err(Clone::clone(kind)));
+                        continue;
+                    }
+                    let publish = link
+                        .confirm
+                        .basic_publish(
+                            message.exchange.as_str().into(),
+                            message.routing_key.as_str().into(),
+                            BasicPublishOptions {
+                                mandatory: message.mandatory,
+                                immediate: false,
+                            },
+                            &message.body,
+                            message.properties(),
+                        )
+                        .await;
+                    match publish {
+                        Ok(confirm) => first.push(Ok(confirm)),
+                        Err(e) => {
+                            let kind = self.publish_failed(&link, e);
+                            broken = Some(kind.clone());
+                            first.push(Err(kind));
+                        }
+                    }
+                }
+                let deadline = Instant::now() + timeout;
+                let mut outcomes = Vec::with_capacity(first.len());
+                for published in first {
+                    outcomes.push(match published {
+                        Err(kind) => Err(kind),
+                        Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                            Err(_) => Err(ErrorKind::Timeout),
+                            Ok(Err(e)) => Err(self.publish_failed(&link, e)),
+                            Ok(Ok(c)) => confirmation_result(c),
+                        },
+                    });
+                }
+                let mut results = Vec::with_capacity(messages.len());
+                for ((message, id), outcome) in messages.into_iter().zip(outcomes) {
+                    results.push(match outcome {
+                        Ok(()) => Ok(Confirmation {
+                            message_id: id,
+                            attempts: 1,
+                        }),
+                        Err(kind) if kind.is_retryable() && self.config.retry.max_attempts > 1 => {
+                            self.send(message, id).await.map(|mut c| {
+                                c.attempts += 1;
+                                c
+                            })
+                        }
+                        Err(kind) => Err(Error::new(kind).with_message_id(&id)),
+                    });
+                }
+                results
             }
-            lapin::Confirmation::Nack(None) => Err(ErrorKind::Nacked),
-            lapin::Confirmation::NotRequested => Err(ErrorKind::Other(
-                "publisher confirms are not enabled on the channel".into(),
-            )),
+            Err(e) => {
+                let mut results = Vec::with_capacity(messages.len());
+                for (message, id) in messages {
+                    results.push(if self.config.retry.max_attempts > 1 {
+                        self.send(message, id).await
+                    } else {
+                        Err(Error::new(e.kind().clone()).with_message_id(&id))
+                    });
+                }
+                results
+            }
         }
     }
 

@@ -121,14 +121,14 @@ impl<DB: Backend> IdempotentConsumer<DB> {
     /// # Panics
     /// When called outside a tokio runtime.
     pub fn start<H: TxHandler<DB>>(
-        self,
+        &self,
         config: ConsumerConfig,
         handler: H,
     ) -> Result<ConsumerHandle, Error> {
         let stats = Arc::new(ConsumerStats::default());
         let wrapped = Idempotent {
-            pool: self.pool,
-            name: self.name,
+            pool: self.pool.clone(),
+            name: self.name.clone(),
             handler,
             stats: Arc::clone(&stats),
         };
@@ -144,43 +144,41 @@ struct Idempotent<DB: Backend, H> {
 }
 
 impl<DB: Backend, H: TxHandler<DB>> Handler for Idempotent<DB, H> {
-    fn handle(&self, delivery: Delivery) -> impl Future<Output = Outcome> + Send {
-        async move {
-            let Some(message_id) = delivery.message_id.clone() else {
-                return Outcome::Reject("no message-id: cannot process idempotently".into());
-            };
-            let mut tx = match self.pool.begin().await {
-                Ok(tx) => tx,
-                Err(e) => {
-                    tracing::warn!(message_id, error = %e, "cannot begin a transaction");
-                    return Outcome::Retry;
-                }
-            };
-            match DB::processed_insert(&mut *tx, &self.name, &message_id, now_ms()).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    let _ = tx.rollback().await;
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(message_id, "already processed; acknowledging");
-                    return Outcome::Ack;
-                }
-                Err(e) => {
-                    tracing::warn!(message_id, error = %e, "cannot record the message id");
-                    return Outcome::Retry;
-                }
+    async fn handle(&self, delivery: Delivery) -> Outcome {
+        let Some(message_id) = delivery.message_id.clone() else {
+            return Outcome::Reject("no message-id: cannot process idempotently".into());
+        };
+        let mut tx = match self.pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::warn!(message_id, error = %e, "cannot begin a transaction");
+                return Outcome::Retry;
             }
-            match self.handler.handle(delivery, tx).await {
-                TxOutcome::Commit(tx) => match tx.commit().await {
-                    Ok(()) => Outcome::Ack,
-                    Err(e) => {
-                        tracing::warn!(message_id, error = %e, "commit failed; retrying");
-                        Outcome::Retry
-                    }
-                },
-                TxOutcome::Retry => Outcome::Retry,
-                TxOutcome::RetryAfter(d) => Outcome::RetryAfter(d),
-                TxOutcome::Reject(reason) => Outcome::Reject(reason),
+        };
+        match DB::processed_insert(&mut *tx, &self.name, &message_id, now_ms()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = tx.rollback().await;
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(message_id, "already processed; acknowledging");
+                return Outcome::Ack;
             }
+            Err(e) => {
+                tracing::warn!(message_id, error = %e, "cannot record the message id");
+                return Outcome::Retry;
+            }
+        }
+        match self.handler.handle(delivery, tx).await {
+            TxOutcome::Commit(tx) => match tx.commit().await {
+                Ok(()) => Outcome::Ack,
+                Err(e) => {
+                    tracing::warn!(message_id, error = %e, "commit failed; retrying");
+                    Outcome::Retry
+                }
+            },
+            TxOutcome::Retry => Outcome::Retry,
+            TxOutcome::RetryAfter(d) => Outcome::RetryAfter(d),
+            TxOutcome::Reject(reason) => Outcome::Reject(reason),
         }
     }
 }

@@ -385,23 +385,31 @@ async fn consume_on<H: Handler>(
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut running = JoinSet::new();
     let finished = loop {
-        tokio::select! {
+        // A free handler slot first, then a delivery, each abandoned on a stop: a
+        // delivery taken but not started stays unacknowledged and returns to the queue
+        // when the channel closes.
+        let permit = tokio::select! {
             _ = stop.changed() => break Finished::Stopped,
-            next = deliveries.next() => {
-                let Some(Ok(delivery)) = next else { break Finished::Lost };
-                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                    break Finished::Lost;
-                };
-                let shared = Arc::clone(shared);
-                let link = Arc::clone(&link);
-                running.spawn(async move {
-                    process(&shared, &link, delivery).await;
-                    drop(permit);
-                });
-                // Reap finished handlers so the set does not grow.
-                while running.try_join_next().is_some() {}
-            }
-        }
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break Finished::Lost,
+            },
+        };
+        let delivery = tokio::select! {
+            _ = stop.changed() => break Finished::Stopped,
+            next = deliveries.next() => match next {
+                Some(Ok(delivery)) => delivery,
+                _ => break Finished::Lost,
+            },
+        };
+        let shared = Arc::clone(shared);
+        let link = Arc::clone(&link);
+        running.spawn(async move {
+            process(&shared, &link, delivery).await;
+            drop(permit);
+        });
+        // Reap finished handlers so the set does not grow.
+        while running.try_join_next().is_some() {}
     };
     if matches!(finished, Finished::Stopped) {
         let _ = link

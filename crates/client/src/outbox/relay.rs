@@ -1,7 +1,7 @@
 //! [`Relay`]: publishes pending outbox rows with confirms and records the outcome.
 //!
 //! One pass: claim up to `batch_size` due rows for `lease` (so other relays skip them),
-//! publish them all at once through the [`Producer`] (confirms pipelined), then mark
+//! publish them in order through [`Producer::send_all`] (confirms pipelined), then mark
 //! each confirmed row sent and each failed row for a later attempt, or `failed` once
 //! it has used `max_attempts`. A full batch starts the next pass at once; otherwise the
 //! relay sleeps until `poll_interval` passes or [`RelayHandle::wake`] is called (e.g.
@@ -114,26 +114,29 @@ impl<DB: Backend> Relay<DB> {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut sends = Vec::with_capacity(rows.len());
+        let mut batch = Vec::with_capacity(rows.len());
+        let mut publishable = Vec::with_capacity(rows.len());
         for row in &rows {
             match row.to_message() {
-                Ok(message) => sends.push(Some(self.producer.send_async(message))),
+                Ok(message) => {
+                    batch.push(message);
+                    publishable.push(row);
+                }
+                // An undecodable row can never be published: straight to failed.
                 Err(e) => {
-                    // An undecodable row can never be published: straight to failed.
                     self.record_failure(row.id, &row.message_id, i64::from(u32::MAX), &e)
                         .await?;
-                    sends.push(None);
                 }
             }
         }
+        let results = self.producer.send_all(batch).await;
         let mut confirmed = Vec::with_capacity(rows.len());
-        for (row, send) in rows.iter().zip(sends) {
-            let Some(send) = send else { continue };
-            match send.await {
+        for (row, result) in publishable.into_iter().zip(results) {
+            match result {
                 Ok(_) => confirmed.push(row.id),
                 Err(e) => {
                     self.record_failure(row.id, &row.message_id, row.attempts + 1, &e)
-                        .await?
+                        .await?;
                 }
             }
         }
