@@ -2,6 +2,7 @@
 //! tracing and signal handling live here; everything else is in the library crates.
 
 mod config;
+mod outbox_cli;
 
 use std::sync::Arc;
 
@@ -32,6 +33,9 @@ enum Command {
     Server(ServerArgs),
     /// Load-test an AMQP 0-9-1 broker (this one or any other) by URL.
     Bench(holdfast_bench::BenchArgs),
+    /// Inspect and repair an application's transactional outbox (rows the relay gave
+    /// up on): list, stats, retry, discard.
+    Outbox(outbox_cli::OutboxArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +45,7 @@ fn main() -> anyhow::Result<()> {
     let default_filter = match cli.command {
         Command::Server(_) => "info",
         Command::Bench(_) => "warn,lapin=off",
+        Command::Outbox(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -64,6 +69,12 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(holdfast_bench::run(args))?;
             Ok(())
+        }
+        Command::Outbox(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(outbox_cli::run(args))
         }
     }
 }

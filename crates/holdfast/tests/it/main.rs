@@ -11,6 +11,7 @@ mod dedup;
 mod delayed;
 mod durability;
 mod java_seeds;
+mod outbox_cli;
 mod power_loss;
 mod protocol;
 mod queues;
