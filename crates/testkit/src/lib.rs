@@ -2,6 +2,7 @@
 //! directory, killed with SIGKILL or stopped with SIGTERM like an operator would, plus
 //! small lapin helpers. Used by the binary's integration tests.
 
+pub mod proxy;
 pub mod services;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

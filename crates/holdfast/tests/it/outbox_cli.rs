@@ -84,11 +84,15 @@ async fn a_person_lists_retries_and_discards_failed_rows() {
 
     let (ok, out, err) = outbox_cli(&db, &["list", "--status", "failed"]);
     assert!(ok, "{err}");
-    assert!(out.contains("m-1") && out.contains("m-3") && out.contains("(3 rows)"), "{out}");
+    assert!(
+        out.contains("m-1") && out.contains("m-3") && out.contains("(3 rows)"),
+        "{out}"
+    );
     assert!(out.contains("312"), "the last error is shown: {out}");
     let (ok, out, _) = outbox_cli(&db, &["list", "--json"]);
     assert!(ok);
-    let first: serde_json::Value = serde_json::from_str(out.lines().next().expect("a line")).expect("json");
+    let first: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("a line")).expect("json");
     assert_eq!(first["status"], "failed");
     assert_eq!(first["attempts"], 1);
 
@@ -101,15 +105,25 @@ async fn a_person_lists_retries_and_discards_failed_rows() {
     // Retrying a pending row, or a row that does not exist, changes nothing: exit 1.
     let (ok, _, err) = outbox_cli(&db, &["retry", &ids[0], "99999"]);
     assert!(!ok);
-    assert!(err.contains("2 of the given rows were not changed"), "{err}");
+    assert!(
+        err.contains("2 of the given rows were not changed"),
+        "{err}"
+    );
     let (ok, out, _) = outbox_cli(&db, &["stats"]);
     assert!(ok);
     assert_eq!(out, "pending 1\nsent 0\nfailed 1\ndiscarded 1\n");
     let (ok, out, _) = outbox_cli(&db, &["retry", "--all-failed"]);
     assert!(ok);
     assert!(out.contains("1 failed rows back to pending"), "{out}");
-    let row = outbox.get(ids[0].parse().expect("id")).await.expect("get").expect("row");
-    assert_eq!((row.status(), row.attempts), (Some(OutboxStatus::Pending), 0));
+    let row = outbox
+        .get(ids[0].parse().expect("id"))
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!(
+        (row.status(), row.attempts),
+        (Some(OutboxStatus::Pending), 0)
+    );
 
     // Clear errors, no damage.
     let (ok, _, err) = outbox_cli("mysql://db/app", &["stats"]);
@@ -117,7 +131,10 @@ async fn a_person_lists_retries_and_discards_failed_rows() {
     assert!(err.contains("unsupported database URL"), "{err}");
     let (ok, _, err) = outbox_cli("/nonexistent/app.db", &["stats"]);
     assert!(!ok);
-    assert!(err.contains("no SQLite database at /nonexistent/app.db"), "{err}");
+    assert!(
+        err.contains("no SQLite database at /nonexistent/app.db"),
+        "{err}"
+    );
     let (ok, _, err) = outbox_cli(&db, &["discard"]);
     assert!(!ok);
     assert!(err.contains("required"), "{err}");
@@ -127,7 +144,9 @@ async fn a_person_lists_retries_and_discards_failed_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_reads_a_postgresql_outbox() {
     let server = start();
-    let pg = tokio::task::spawn_blocking(Postgres::start).await.expect("postgres");
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .expect("postgres");
     let url = pg.url();
     let pool = holdfast_client::sqlx::postgres::PgPoolOptions::new()
         .connect(&url)
@@ -151,8 +170,13 @@ async fn the_cli_reads_a_postgresql_outbox() {
     let (ok, out, err) = outbox_cli(&url, &["retry", "--all-failed"]);
     assert!(ok, "{err}");
     assert!(out.contains("3 failed rows"), "{out}");
-    let bad = url.replace("postgres@", "postgres:secret@").replace(&pg.port().to_string(), "1");
+    let bad = url
+        .replace("postgres@", "postgres:secret@")
+        .replace(&pg.port().to_string(), "1");
     let (ok, _, err) = outbox_cli(&bad, &["stats"]);
     assert!(!ok);
-    assert!(err.contains("cannot connect") && !err.contains("secret"), "{err}");
+    assert!(
+        err.contains("cannot connect") && !err.contains("secret"),
+        "{err}"
+    );
 }
