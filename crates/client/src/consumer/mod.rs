@@ -23,6 +23,7 @@
 
 mod dead_letter;
 mod idempotent;
+mod redis_store;
 mod topology;
 
 use std::collections::HashSet;
@@ -45,6 +46,7 @@ use tokio::task::JoinSet;
 
 pub use dead_letter::{ReplayReport, replay_dead_letters};
 pub use idempotent::{IdempotentConsumer, TxHandler, TxOutcome};
+pub use redis_store::RedisIdempotentConsumer;
 pub use topology::{dead_letter_queue, declare_topology, retry_queue};
 
 use crate::{Error, ErrorKind, RetryPolicy};

@@ -344,3 +344,76 @@ macro_rules! idempotent_tests {
 
 idempotent_tests!(idempotent_sqlite, crate::sqlite_pool());
 idempotent_tests!(idempotent_postgres, crate::postgres_pool());
+
+/// Redis marks: the same message id three times runs the effect once; a `processing`
+/// mark left by a crashed consumer holds the message back until its lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_marks_suppress_duplicates_and_hold_back_during_a_lease() {
+    let redis = tokio::task::spawn_blocking(holdfast_testkit::services::Redis::start)
+        .await
+        .expect("redis");
+    let broker = Broker::holdfast();
+    let queue = "emails";
+    let effects: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let store = holdfast_client::consumer::RedisIdempotentConsumer::new(&redis.url(), "mailer")
+        .expect("redis url")
+        .lease(Duration::from_millis(400));
+    let consumer = store
+        .start(quick(broker.url(), queue), {
+            let effects = Arc::clone(&effects);
+            move |d: holdfast_client::Delivery| {
+                let effects = Arc::clone(&effects);
+                async move {
+                    let id = d.message_id.clone().unwrap_or_default();
+                    effects.lock().expect("lock").push((id, d.attempt));
+                    Outcome::Ack
+                }
+            }
+        })
+        .expect("consumer");
+    let producer = relay_producer(&broker.url()).await;
+    wait_for("the consumer's queue", || async {
+        producer
+            .declare_queue(queue, durable(), dlx_args(queue))
+            .await
+            .is_ok()
+    })
+    .await;
+    for _ in 0..3 {
+        producer
+            .send(Message::to_queue(queue, "hi").message_id("e-1"))
+            .await
+            .expect("sent");
+    }
+    wait_for("three settled", || async {
+        consumer.stats().acked.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    assert_eq!(consumer.stats().duplicates.load(Ordering::Relaxed), 2);
+
+    // A consumer died holding e-2: its mark says `processing` until the lease ends.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", redis.port())).expect("redis");
+    std::io::Write::write_all(
+        &mut raw,
+        b"SET holdfast:processed:mailer:e-2 processing PX 400\r\n",
+    )
+    .expect("set");
+    let mut reply = [0u8; 5];
+    std::io::Read::read_exact(&mut raw, &mut reply).expect("reply");
+    assert_eq!(&reply, b"+OK\r\n");
+    producer
+        .send(Message::to_queue(queue, "hi").message_id("e-2"))
+        .await
+        .expect("sent");
+    wait_for("e-2 processed", || async {
+        consumer.stats().acked.load(Ordering::Relaxed) == 4
+    })
+    .await;
+    consumer.shutdown().await;
+    let effects = effects.lock().expect("lock").clone();
+    assert_eq!(
+        effects,
+        vec![("e-1".to_owned(), 1), ("e-2".to_owned(), 2)],
+        "e-2 ran once, after a retry"
+    );
+}
