@@ -1,4 +1,7 @@
-//! Holdfast SDK: a reliable producer over [lapin], for Holdfast or any AMQP 0-9-1 broker.
+//! Holdfast SDK over [lapin], for Holdfast or any AMQP 0-9-1 broker (RabbitMQ included):
+//! a reliable [`Producer`], a transactional [`outbox`] with its [`Relay`], and a
+//! [`consumer`] with retries, dead-lettering and exactly-once effects
+//! ([`IdempotentConsumer`]). The guide is `docs/sdk.md` in the repository.
 //!
 //! Three send modes, as in the RocketMQ vocabulary:
 //! - [`Producer::send`] waits for the broker's publisher confirm; a nack, a return of a
