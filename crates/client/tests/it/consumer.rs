@@ -254,7 +254,7 @@ async fn shutdown_lets_running_handlers_finish_and_returns_the_rest() {
 }
 
 macro_rules! idempotent_tests {
-    ($db:ident, $pool:expr) => {
+    ($db:ident, $pool:expr, $broker:expr) => {
         mod $db {
             use super::*;
 
@@ -270,8 +270,9 @@ macro_rules! idempotent_tests {
                     .expect("payments table");
                 let idem = IdempotentConsumer::new(pool.clone(), "payments");
                 idem.migrate().await.expect("migrate");
-                let broker = Broker::holdfast();
-                let queue = "orders";
+                let broker = $broker;
+                let queue_name = broker.queue("orders");
+                let queue = queue_name.as_str();
                 let consumer = idem
                     .start(quick(broker.url(), queue), |d: holdfast_client::Delivery, mut tx: sqlx::Transaction<'static, _>| async move {
                         let order = String::from_utf8_lossy(&d.body).to_string();
@@ -337,13 +338,25 @@ macro_rules! idempotent_tests {
                     vec![("flaky".to_owned(), 2), ("order-1".to_owned(), 1), ("order-2".to_owned(), 1)]
                 );
                 assert_eq!(idem.purge(Duration::ZERO).await.expect("purge"), 3);
+                for q in [queue.to_owned(), dlq, format!("{queue}.retry.50")] {
+                    broker.delete_queue(&q).await;
+                }
             }
         }
     };
 }
 
-idempotent_tests!(idempotent_sqlite, crate::sqlite_pool());
-idempotent_tests!(idempotent_postgres, crate::postgres_pool());
+idempotent_tests!(idempotent_sqlite, crate::sqlite_pool(), Broker::holdfast());
+idempotent_tests!(
+    idempotent_postgres,
+    crate::postgres_pool(),
+    Broker::holdfast()
+);
+idempotent_tests!(
+    idempotent_sqlite_rabbitmq,
+    crate::sqlite_pool(),
+    Broker::rabbitmq()
+);
 
 /// Redis marks: the same message id three times runs the effect once; a `processing`
 /// mark left by a crashed consumer holds the message back until its lease ends.

@@ -244,3 +244,95 @@ async fn broker_killed_mid_stream_loses_nothing_and_duplicates_nothing() {
         .expect("the producer re-declared the transient queue");
     eprintln!("{retried} of 1500 sends were retried across the crash");
 }
+
+/// The send modes against RabbitMQ, the other broker the SDK must work with, and
+/// `send_all`'s ordering on both brokers.
+async fn send_modes(broker: crate::Broker) {
+    let p = holdfast_client::Producer::connect(
+        holdfast_client::ProducerConfig::new(broker.url())
+            .confirm_timeout(Duration::from_secs(5))
+            .retry(fast_retry(3)),
+    )
+    .await
+    .expect("producer");
+    let q = broker.queue("modes");
+    p.declare_queue(&q, durable(), FieldTable::default())
+        .await
+        .expect("declare");
+    let c = p
+        .send(Message::to_queue(q.as_str(), "one"))
+        .await
+        .expect("confirmed");
+    assert_eq!(uuid_version(&c.message_id), Some(7));
+    let batch: Vec<Message> = (0..300)
+        .map(|i| Message::to_queue(q.as_str(), format!("{i}")).message_id(format!("b{i}")))
+        .collect();
+    let results = p.send_all(batch).await;
+    assert!(results.iter().all(Result::is_ok));
+    let handles: Vec<_> = (0..300)
+        .map(|i| p.send_async(Message::to_queue(q.as_str(), format!("a{i}"))))
+        .collect();
+    for h in handles {
+        h.await.expect("confirmed");
+    }
+    for i in 0..20 {
+        p.send_oneway(Message::to_queue(q.as_str(), format!("o{i}")))
+            .await
+            .expect("written");
+    }
+    p.send(Message::to_queue(q.as_str(), "last"))
+        .await
+        .expect("confirmed");
+    let err = p
+        .send(Message::to_queue(broker.queue("nowhere").as_str(), "x"))
+        .await
+        .expect_err("returned");
+    assert_eq!(err.reply_code(), Some(312), "{err}");
+    let full = broker.queue("full");
+    p.declare_queue(
+        &full,
+        durable(),
+        args(&[
+            ("x-max-length", AMQPValue::LongLongInt(1)),
+            ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+        ]),
+    )
+    .await
+    .expect("declare");
+    p.send(Message::to_queue(full.as_str(), "1"))
+        .await
+        .expect("fits");
+    let err = p
+        .send(Message::to_queue(full.as_str(), "2"))
+        .await
+        .expect_err("nacked");
+    assert_eq!(err.kind(), &ErrorKind::Nacked, "{err}");
+
+    let drained = broker.drain_with_headers(&q).await;
+    let batch_order: Vec<String> = drained
+        .iter()
+        .map(|(id, _, _)| id.clone())
+        .filter(|id| id.starts_with('b'))
+        .collect();
+    let expected: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+    assert_eq!(batch_order, expected, "send_all keeps order");
+    let bodies: Vec<&[u8]> = drained.iter().map(|(_, b, _)| b.as_slice()).collect();
+    assert_eq!(
+        bodies.len(),
+        1 + 300 + 300 + 20 + 1,
+        "everything arrived once"
+    );
+    for queue in [q, full] {
+        broker.delete_queue(&queue).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_modes_on_rabbitmq() {
+    send_modes(crate::Broker::rabbitmq()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_modes_on_holdfast() {
+    send_modes(crate::Broker::holdfast()).await;
+}
