@@ -36,6 +36,10 @@ pub enum Scenario {
     Latency(LatencyArgs),
     /// One fanout exchange bound to N queues: publish rate and delivered rate.
     Fanout(FanoutArgs),
+    /// The SDK's transactional outbox: enqueue transactions per second, then relay rate.
+    Outbox(OutboxArgs),
+    /// The SDK's idempotent consumer: messages processed (effect + record + ack) per second.
+    Idempotent(IdempotentArgs),
 }
 
 /// Options every scenario takes.
@@ -185,4 +189,79 @@ pub struct FanoutArgs {
     /// Ack with multiple=true every K deliveries.
     #[arg(long, value_name = "K", default_value_t = 1)]
     pub ack_every: u32,
+}
+
+/// The default message count of the SDK scenarios.
+pub const DEFAULT_SDK_MESSAGES: u64 = 20_000;
+
+/// Options of the scenarios that drive the SDK (`holdfast-client`) with a database.
+#[derive(Debug, Clone, Args)]
+pub struct SdkArgs {
+    /// Broker URL (amqp:// or amqps://; vhost `/` is `%2f`).
+    #[arg(long, default_value = DEFAULT_URL)]
+    pub url: String,
+    /// The application database: a SQLite file path (created if missing) or a
+    /// postgres:// URL. Use a scratch database: the run creates and drops tables in it.
+    #[arg(long, value_name = "DB")]
+    pub database: String,
+    /// Messages (and transactions) in the run.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SDK_MESSAGES)]
+    pub messages: u64,
+    /// Message body size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    pub size: usize,
+    /// Queue name (default: a unique `holdfast-bench-...` name).
+    #[arg(long, value_name = "NAME")]
+    pub queue: Option<String>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Keep the queues and the bench tables instead of deleting them.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl SdkArgs {
+    /// Checks the options every SDK scenario shares.
+    ///
+    /// # Errors
+    /// `--messages 0`.
+    pub fn validate(&self) -> Result<(), BenchError> {
+        if self.messages == 0 {
+            return Err(BenchError::InvalidArgs(
+                "--messages must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `holdfast bench outbox`.
+#[derive(Debug, Clone, Args)]
+pub struct OutboxArgs {
+    #[command(flatten)]
+    pub sdk: SdkArgs,
+    /// Relays publishing the outbox at once, each with its own producer (connection).
+    #[arg(long, value_name = "R", default_value_t = 1)]
+    pub relays: u32,
+    /// Rows a relay claims and publishes per pass.
+    #[arg(long, value_name = "B", default_value_t = 256)]
+    pub batch: usize,
+    /// Application tasks enqueueing at once, each committing one transaction after
+    /// the other.
+    #[arg(long, value_name = "C", default_value_t = 4)]
+    pub enqueue_concurrency: u32,
+}
+
+/// `holdfast bench idempotent`.
+#[derive(Debug, Clone, Args)]
+pub struct IdempotentArgs {
+    #[command(flatten)]
+    pub sdk: SdkArgs,
+    /// basic.qos prefetch count of the consumer.
+    #[arg(long, value_name = "P", default_value_t = 256)]
+    pub prefetch: u16,
+    /// Handlers (transactions) running at once.
+    #[arg(long, value_name = "C", default_value_t = 16)]
+    pub concurrency: usize,
 }

@@ -46,6 +46,28 @@ pub enum BenchError {
     /// Writing the report failed.
     #[error("cannot write the report: {0}")]
     Output(#[from] std::io::Error),
+    /// The SDK (holdfast-client) failed: producer, outbox, relay or consumer.
+    #[error("{context} failed")]
+    Client {
+        /// What was being done.
+        context: &'static str,
+        /// The SDK's error.
+        #[source]
+        source: holdfast_client::Error,
+    },
+    /// The application database failed.
+    #[error("{context} failed")]
+    Database {
+        /// What was being done.
+        context: &'static str,
+        /// sqlx's error.
+        #[source]
+        source: holdfast_client::sqlx::Error,
+    },
+    /// A run finished, but its result is not what it should be (lost or extra
+    /// messages, missing rows), or it stopped making progress.
+    #[error("{0}")]
+    Check(String),
     /// A worker task panicked or was cancelled.
     #[error("a benchmark task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -60,5 +82,29 @@ pub(crate) trait AmqpContext<T> {
 impl<T> AmqpContext<T> for Result<T, lapin::Error> {
     fn ctx(self, context: &'static str) -> Result<T, BenchError> {
         self.map_err(|source| BenchError::Amqp { context, source })
+    }
+}
+
+/// Adds a context to SDK results.
+pub(crate) trait ClientContext<T> {
+    /// Wraps the error with what was being done.
+    fn sdk(self, context: &'static str) -> Result<T, BenchError>;
+}
+
+impl<T> ClientContext<T> for Result<T, holdfast_client::Error> {
+    fn sdk(self, context: &'static str) -> Result<T, BenchError> {
+        self.map_err(|source| BenchError::Client { context, source })
+    }
+}
+
+/// Adds a context to database results.
+pub(crate) trait DbContext<T> {
+    /// Wraps the error with what was being done.
+    fn db(self, context: &'static str) -> Result<T, BenchError>;
+}
+
+impl<T> DbContext<T> for Result<T, holdfast_client::sqlx::Error> {
+    fn db(self, context: &'static str) -> Result<T, BenchError> {
+        self.map_err(|source| BenchError::Database { context, source })
     }
 }

@@ -20,14 +20,15 @@ pub struct LatencyUs {
 /// What a scenario measured. Serialised as the JSON line.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// `publish`, `consume`, `latency` or `fanout`.
+    /// `publish`, `consume`, `latency`, `fanout`, `outbox` or `idempotent`.
     pub scenario: &'static str,
     /// The broker's `host:port` (never the credentials).
     pub host: String,
     /// The scenario's parameters, as given or defaulted.
     pub params: serde_json::Value,
     /// Messages counted: confirmed, committed or sent (publish), consumed (consume),
-    /// received (latency), published and confirmed (fanout).
+    /// received (latency), published and confirmed (fanout), relayed (outbox),
+    /// processed and acknowledged (idempotent).
     pub messages: u64,
     /// Wall time of the measured phase.
     pub duration_secs: f64,
@@ -38,7 +39,8 @@ pub struct Report {
     /// Confirm / commit / end-to-end latency, where the scenario measures one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<LatencyUs>,
-    /// What `latency_us` measures: `confirm`, `commit` or `end-to-end`.
+    /// What `latency_us` measures: `confirm`, `commit`, `end-to-end` or
+    /// `enqueue-commit` (one outbox enqueue transaction, begin to commit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_kind: Option<&'static str>,
     /// Scenario-specific figures (nacks, delivered rate, ...).

@@ -264,3 +264,90 @@ fn bad_urls_and_unreachable_brokers_fail_clearly() {
     );
     assert!(!stderr.contains("secret"), "{stderr}");
 }
+
+#[tokio::test]
+async fn outbox_enqueues_then_relays_every_message() {
+    let server = start();
+    let url = server.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = dir.path().join("outbox.db");
+    let database = database.to_str().expect("utf-8 path");
+    let report = bench_json(&[
+        "outbox",
+        "--url",
+        &url,
+        "--database",
+        database,
+        "--messages",
+        "300",
+        "--relays",
+        "2",
+        "--batch",
+        "50",
+    ]);
+    assert_sensible(&report, "outbox", 300);
+    assert_latency(&report);
+    assert_eq!(report["queue_depth"], 300, "{report}");
+    assert!(
+        report["enqueue_tx_per_sec"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0),
+        "{report}"
+    );
+    assert_eq!(report["params"]["database"], "sqlite");
+
+    // The run dropped the tables it created, so a second run starts clean.
+    let again = bench_json(&[
+        "outbox",
+        "--url",
+        &url,
+        "--database",
+        database,
+        "--messages",
+        "300",
+    ]);
+    assert_sensible(&again, "outbox", 300);
+}
+
+#[tokio::test]
+async fn idempotent_consumer_processes_every_message_once() {
+    let server = start();
+    let url = server.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = dir.path().join("effects.db");
+    let report = bench_json(&[
+        "idempotent",
+        "--url",
+        &url,
+        "--database",
+        database.to_str().expect("utf-8 path"),
+        "--messages",
+        "300",
+        "--prefetch",
+        "64",
+        "--concurrency",
+        "4",
+    ]);
+    assert_sensible(&report, "idempotent", 300);
+    assert_eq!(report["effects"], 300, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert_eq!(report["params"]["database"], "sqlite");
+
+    // Queue and dead-letter queue are gone afterwards.
+    let queue = report["params"]["queue"].as_str().expect("queue name");
+    let connection = server.connect().await;
+    for name in [queue.to_owned(), format!("{queue}.dlq")] {
+        let channel = connection.create_channel().await.expect("channel");
+        let gone = channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        assert!(gone.is_err(), "the bench deleted {name}");
+    }
+}
