@@ -8,11 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use holdfast_client::consumer::{ConsumerConfig, dead_letter_queue, replay_dead_letters};
-use holdfast_client::lapin::types::FieldTable;
 use holdfast_client::{Consumer, IdempotentConsumer, Message, Outcome, RetryPolicy, TxOutcome};
 
 use crate::outbox::{relay_producer, wait_for};
-use crate::{Broker, durable};
+use crate::Broker;
 
 fn quick(url: String, queue: &str) -> ConsumerConfig {
     ConsumerConfig::new(url, queue)
@@ -60,11 +59,8 @@ async fn retries_and_dead_letters(broker: Broker) {
     let consumer = Consumer::start(quick(broker.url(), &queue), handler).expect("consumer");
     let producer = relay_producer(&broker.url()).await;
     // The consumer declares the queue when it connects; wait until it exists.
-    wait_for("the consumer's queue", || async {
-        producer
-            .declare_queue(&queue, durable(), dlx_args(&queue))
-            .await
-            .is_ok()
+    wait_for("the consumer connected and declared its queues", || async {
+        consumer.stats().connections.load(Ordering::Relaxed) >= 1
     })
     .await;
     for body in ["good", "flaky", "bad", "poison"] {
@@ -172,19 +168,6 @@ async fn retries_and_dead_letters(broker: Broker) {
     }
 }
 
-fn dlx_args(queue: &str) -> FieldTable {
-    crate::args(&[
-        (
-            "x-dead-letter-exchange",
-            holdfast_client::lapin::types::AMQPValue::LongString("".into()),
-        ),
-        (
-            "x-dead-letter-routing-key",
-            holdfast_client::lapin::types::AMQPValue::LongString(dead_letter_queue(queue).into()),
-        ),
-    ])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_and_dead_letters_on_holdfast() {
     retries_and_dead_letters(Broker::holdfast()).await;
@@ -218,11 +201,8 @@ async fn shutdown_lets_running_handlers_finish_and_returns_the_rest() {
     let config = quick(broker.url(), queue).prefetch(10, 3);
     let consumer = Consumer::start(config, handler).expect("consumer");
     let producer = relay_producer(&broker.url()).await;
-    wait_for("the consumer's queue", || async {
-        producer
-            .declare_queue(queue, durable(), dlx_args(queue))
-            .await
-            .is_ok()
+    wait_for("the consumer connected and declared its queues", || async {
+        consumer.stats().connections.load(Ordering::Relaxed) >= 1
     })
     .await;
     for i in 0..10 {
@@ -292,10 +272,10 @@ macro_rules! idempotent_tests {
                     })
                     .expect("consumer");
                 let producer = relay_producer(&broker.url()).await;
-                wait_for("the consumer's queue", || async {
-                    producer.declare_queue(queue, durable(), dlx_args(queue)).await.is_ok()
-                })
-                .await;
+                wait_for("the consumer connected and declared its queues", || async {
+        consumer.stats().connections.load(Ordering::Relaxed) >= 1
+    })
+    .await;
                 for _ in 0..3 {
                     producer.send(Message::to_queue(queue, "order-1").message_id("m-1")).await.expect("sent");
                 }
@@ -385,11 +365,8 @@ async fn redis_marks_suppress_duplicates_and_hold_back_during_a_lease() {
         })
         .expect("consumer");
     let producer = relay_producer(&broker.url()).await;
-    wait_for("the consumer's queue", || async {
-        producer
-            .declare_queue(queue, durable(), dlx_args(queue))
-            .await
-            .is_ok()
+    wait_for("the consumer connected and declared its queues", || async {
+        consumer.stats().connections.load(Ordering::Relaxed) >= 1
     })
     .await;
     for _ in 0..3 {
