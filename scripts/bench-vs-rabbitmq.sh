@@ -17,12 +17,15 @@
 #   RMQ_PORT=5682 HF_PORT=5683 HFN_PORT=5684 BACKLOG_PORT=5685
 #   OUT=DIR             where results go (default: a fresh temp dir, printed at the end)
 #   NO_BUILD=1          skip `cargo build --release -p holdfast`
+#   PIPELINE=1          lapin operations the client keeps in flight (`--pipeline`): 1 awaits
+#                       each publish/ack in turn; 32 lets lapin write them in batches
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 PREFILL=${PREFILL:-200000}
 LAT_RATE=${LAT_RATE:-10000}
+PIPELINE=${PIPELINE:-1}
 SCENARIOS=${SCENARIOS:-"pub_persist pub_transient consume_ack1 consume_ack100 latency tx fanout"}
 BACKLOG=${BACKLOG:-0}
 BACKLOG_MESSAGES=${BACKLOG_MESSAGES:-5000000}
@@ -209,7 +212,7 @@ run_one() { # round scenario broker
     local base="$OUT/runs/r$round-$scenario-$broker"
     local pid=${PID[$broker]}
     local args
-    args=$(scenario_args "$scenario")
+    args="$(scenario_args "$scenario") --pipeline $PIPELINE"
     echo "holdfast bench $args --url ${URL[$broker]} --duration $DURATION --quiet" >"$base.cmd"
     local t0 c0 t1 c1 status=ok
     c0=$(cpu_ticks "$pid")

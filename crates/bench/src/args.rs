@@ -72,6 +72,11 @@ pub struct CommonArgs {
     /// Keep the queues and exchanges declared by the run instead of deleting them.
     #[arg(long)]
     pub keep: bool,
+    /// Frames handed to lapin before waiting until it wrote them (publishes, acks). 1
+    /// awaits each in turn, as most applications do; a larger value lets lapin's I/O loop
+    /// write several at once, which costs the client far less CPU per message.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub pipeline: usize,
 }
 
 impl CommonArgs {

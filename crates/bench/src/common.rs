@@ -291,6 +291,7 @@ pub(crate) async fn publish_confirmed(
     body: &[u8],
     properties: &BasicProperties,
     window: u32,
+    pipeline: usize,
     quota: &Quota,
     stop: &Stop,
     counter: &Arc<AtomicU64>,
@@ -327,41 +328,117 @@ pub(crate) async fn publish_confirmed(
         Ok::<_, BenchError>(confirmed)
     });
     let mut publish_error = None;
+    let mut inflight = Pipeline::new(pipeline);
     while !stop.is_set() && quota.claim() {
         let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
             break;
         };
         let sent = Instant::now();
-        match channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties.clone(),
-            )
-            .await
-        {
-            Ok(confirm) => {
-                if tx.send((sent, confirm, permit)).is_err() {
-                    // The waiter stopped on an error; it reports it below.
-                    break;
-                }
-            }
-            Err(source) => {
-                publish_error = Some(BenchError::Amqp {
-                    context: "basic.publish",
-                    source,
-                });
-                break;
+        let publish = async move {
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties.clone(),
+                )
+                .await;
+            (sent, permit, confirm)
+        };
+        let mut stopped = false;
+        for (sent, permit, confirm) in inflight.push(publish).await {
+            if !forward(&tx, sent, permit, confirm, &mut publish_error) {
+                stopped = true;
             }
         }
+        if stopped {
+            break;
+        }
+    }
+    for (sent, permit, confirm) in inflight.finish().await {
+        forward(&tx, sent, permit, confirm, &mut publish_error);
     }
     drop(tx);
     let confirmed = waiter.await??;
     match publish_error {
         Some(err) => Err(err),
         None => Ok(confirmed),
+    }
+}
+
+type ConfirmSender = tokio::sync::mpsc::UnboundedSender<(
+    Instant,
+    lapin::PublisherConfirm,
+    tokio::sync::OwnedSemaphorePermit,
+)>;
+
+/// Hands a written publish's confirm to the waiter; false once publishing must stop.
+fn forward(
+    tx: &ConfirmSender,
+    sent: Instant,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    confirm: lapin::Result<lapin::PublisherConfirm>,
+    publish_error: &mut Option<BenchError>,
+) -> bool {
+    match confirm {
+        // The waiter stopped on an error; it reports it.
+        Ok(confirm) => tx.send((sent, confirm, permit)).is_ok(),
+        Err(source) => {
+            publish_error.get_or_insert(BenchError::Amqp {
+                context: "basic.publish",
+                source,
+            });
+            false
+        }
+    }
+}
+
+/// Up to `depth` lapin operations in flight, completed in order.
+///
+/// lapin's `basic_publish` and `basic_ack` resolve only once its I/O loop has written
+/// the frames, so awaiting each in turn costs a thread hand-off per message; with several
+/// in flight the loop writes them together.
+pub(crate) struct Pipeline<F: std::future::Future> {
+    inflight: futures_util::stream::FuturesOrdered<F>,
+    depth: usize,
+}
+
+impl<F: std::future::Future> Pipeline<F> {
+    pub(crate) fn new(depth: usize) -> Self {
+        Pipeline {
+            inflight: futures_util::stream::FuturesOrdered::new(),
+            depth: depth.max(1),
+        }
+    }
+
+    /// Starts `operation`; returns the operations finished meanwhile, waiting for the
+    /// oldest when `depth` are in flight.
+    pub(crate) async fn push(&mut self, operation: F) -> Vec<F::Output> {
+        use futures_util::{FutureExt, StreamExt};
+        self.inflight.push_back(operation);
+        let mut done = Vec::new();
+        // Polling starts the new operation (lapin queues its frames on first poll).
+        while let Some(Some(output)) = self.inflight.next().now_or_never() {
+            done.push(output);
+        }
+        while self.inflight.len() >= self.depth {
+            match self.inflight.next().await {
+                Some(output) => done.push(output),
+                None => break,
+            }
+        }
+        done
+    }
+
+    /// Waits for everything still in flight.
+    pub(crate) async fn finish(&mut self) -> Vec<F::Output> {
+        use futures_util::StreamExt;
+        let mut done = Vec::new();
+        while let Some(output) = self.inflight.next().await {
+            done.push(output);
+        }
+        done
     }
 }
 

@@ -109,6 +109,7 @@ pub async fn run(args: ConsumeArgs) -> Result<Report, BenchError> {
             &common::payload(common.size),
             &common::properties(persistent),
             PREFILL_WINDOW,
+            common.pipeline,
             &Quota::new(Some(missing)),
             &Stop::new(),
             &counter,
@@ -146,6 +147,7 @@ pub async fn run(args: ConsumeArgs) -> Result<Report, BenchError> {
         common.quiet,
     );
     let idle = wanted.map(|_| IDLE_LIMIT);
+    let pipeline = common.pipeline;
     let mut tasks = Vec::new();
     for ((_, channel), consumer) in connections.iter().zip(subscriptions) {
         let channel = channel.clone();
@@ -153,7 +155,10 @@ pub async fn run(args: ConsumeArgs) -> Result<Report, BenchError> {
         let stop = stop.clone();
         let counter = Arc::clone(&counter);
         tasks.push(tokio::spawn(async move {
-            drain(&channel, consumer, acks, &quota, &stop, &counter, idle).await
+            drain(
+                &channel, consumer, acks, pipeline, &quota, &stop, &counter, idle,
+            )
+            .await
         }));
     }
     let mut consumed = 0;
@@ -244,10 +249,12 @@ pub(crate) async fn subscribe(
 
 /// Consumes until `stop`, the quota is spent (which sets `stop`), or `idle` passes
 /// without a delivery; acks what it took. Returns the number of deliveries counted.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn drain(
     channel: &Channel,
     mut consumer: Consumer,
     acks: Acks,
+    pipeline: usize,
     quota: &Quota,
     stop: &Stop,
     counter: &AtomicU64,
@@ -256,6 +263,7 @@ pub(crate) async fn drain(
     let mut consumed = 0;
     let mut unacked = 0;
     let mut last_tag = None;
+    let mut inflight = common::Pipeline::new(pipeline);
     loop {
         let next = tokio::select! {
             biased;
@@ -275,7 +283,9 @@ pub(crate) async fn drain(
             unacked += 1;
             last_tag = Some(delivery.delivery_tag);
             if unacked >= every {
-                ack(channel, delivery.delivery_tag).await?;
+                for acked in inflight.push(ack(channel, delivery.delivery_tag)).await {
+                    acked?;
+                }
                 unacked = 0;
                 last_tag = None;
             }
@@ -284,6 +294,9 @@ pub(crate) async fn drain(
             stop.trigger();
             break;
         }
+    }
+    for acked in inflight.finish().await {
+        acked?;
     }
     if let Some(tag) = last_tag {
         ack(channel, tag).await?;

@@ -126,6 +126,7 @@ async fn measure(
 ) -> Result<Report, BenchError> {
     let common = &args.common;
     let acks = Acks::Every(args.ack_every);
+    let pipeline = args.common.pipeline;
     let mut connections = Vec::new();
     let mut subscriptions = Vec::new();
     for queue in queues {
@@ -166,7 +167,10 @@ async fn measure(
         let stop = stop_consumers.clone();
         let delivered = Arc::clone(&delivered);
         consumers.push(tokio::spawn(async move {
-            drain(&channel, consumer, acks, &quota, &stop, &delivered, None).await
+            drain(
+                &channel, consumer, acks, pipeline, &quota, &stop, &delivered, None,
+            )
+            .await
         }));
     }
     let quota = Quota::new(common.messages);
@@ -190,6 +194,7 @@ async fn measure(
                 &body,
                 &properties,
                 window,
+                pipeline,
                 &quota,
                 &stop,
                 &published,

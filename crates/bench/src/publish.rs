@@ -93,6 +93,7 @@ pub async fn run(args: PublishArgs) -> Result<Report, BenchError> {
     let counter = Arc::new(AtomicU64::new(0));
     let body: Arc<[u8]> = common::payload(common.size).into();
     let properties = common::properties(persistent);
+    let pipeline = common.pipeline;
     let started = Instant::now();
     let deadline = stop.after(limit);
     let progress = common::progress(
@@ -116,6 +117,7 @@ pub async fn run(args: PublishArgs) -> Result<Report, BenchError> {
                 &body,
                 &properties,
                 mode,
+                pipeline,
                 &quota,
                 &stop,
                 &counter,
@@ -203,6 +205,7 @@ async fn produce(
     body: &[u8],
     properties: &BasicProperties,
     mode: Mode,
+    pipeline: usize,
     quota: &Quota,
     stop: &Stop,
     counter: &Arc<AtomicU64>,
@@ -210,7 +213,7 @@ async fn produce(
     match mode {
         Mode::Confirm { window } => {
             let confirmed = common::publish_confirmed(
-                channel, "", queue, body, properties, window, quota, stop, counter,
+                channel, "", queue, body, properties, window, pipeline, quota, stop, counter,
             )
             .await?;
             Ok(Outcome {
@@ -221,8 +224,19 @@ async fn produce(
         }
         Mode::FireAndForget => {
             let mut messages = 0;
+            let mut inflight = common::Pipeline::new(pipeline);
             while !stop.is_set() && quota.claim() {
-                publish(channel, queue, body, properties).await?;
+                for written in inflight
+                    .push(publish(channel, queue, body, properties))
+                    .await
+                {
+                    written?;
+                    messages += 1;
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            for written in inflight.finish().await {
+                written?;
                 messages += 1;
                 counter.fetch_add(1, Ordering::Relaxed);
             }
@@ -238,9 +252,18 @@ async fn produce(
             let mut messages = 0;
             loop {
                 let mut in_batch = 0;
+                let mut inflight = common::Pipeline::new(pipeline);
                 while in_batch < batch && !stop.is_set() && quota.claim() {
-                    publish(channel, queue, body, properties).await?;
+                    for written in inflight
+                        .push(publish(channel, queue, body, properties))
+                        .await
+                    {
+                        written?;
+                    }
                     in_batch += 1;
+                }
+                for written in inflight.finish().await {
+                    written?;
                 }
                 if in_batch == 0 {
                     break;
