@@ -268,8 +268,10 @@ impl<'a> Settlements<'a> {
     }
 
     /// Writes one ack record for all recoverable entries, then releases references.
-    /// The ack needs no fsync of its own: if it is lost in a crash the message comes
-    /// back marked redelivered, which at-least-once delivery allows.
+    /// The ack needs no write or fsync of its own (it is deferred to the next write of
+    /// the log, or the housekeeping tick): if it is lost in a crash the message comes
+    /// back marked redelivered, which at-least-once delivery allows. Releasing first is
+    /// safe: a segment deleted before its ack record is written takes the message with it.
     pub fn apply(self) {
         let store = self.store;
         if !self.requeues.is_empty()
@@ -278,7 +280,7 @@ impl<'a> Settlements<'a> {
             error!(cause = %err, "requeue record could not be written");
         }
         if !self.acks.is_empty()
-            && let Err(err) = store.append_lazy(&encode_ack(&self.acks), 0)
+            && let Err(err) = store.append_deferred(encode_ack(&self.acks).to_vec())
         {
             error!(cause = %err, "ack record could not be written");
         }

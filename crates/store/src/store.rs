@@ -110,9 +110,17 @@ struct Writer {
     /// only while this is ahead of `synced`: records nobody waits for (acks, transient
     /// messages) ride along with the next requested fsync instead of causing their own.
     requested: u64,
+    /// Records handed to [`Store::append_deferred`] and not written yet; they go out
+    /// ahead of the next write (an append, the flusher's next fsync, or
+    /// [`Store::flush_deferred`]).
+    deferred: Vec<Vec<u8>>,
+    deferred_bytes: usize,
     poisoned: Option<StorePoisoned>,
     shutdown: bool,
 }
+
+/// Deferred bytes above which [`Store::append_deferred`] writes at once.
+const DEFERRED_LIMIT: usize = 256 * 1024;
 
 const LOCK_FILE: &str = "LOCK";
 const LOG_DIR: &str = "log";
@@ -195,6 +203,8 @@ impl Store {
                 written,
                 synced: written,
                 requested: written,
+                deferred: Vec::new(),
+                deferred_bytes: 0,
                 poisoned: None,
                 shutdown: false,
             }),
@@ -258,6 +268,50 @@ impl Store {
     pub fn append_lazy(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
         let mut appended = self.append_records(&[(payload, refs)], false)?;
         Ok(appended.pop().expect("one record in, one position out"))
+    }
+
+    /// Queues a record nobody will ever wait on or read back (an ack) without a write
+    /// of its own: it goes to the OS ahead of the next write — the next append, the
+    /// flusher's next fsync, [`Store::flush_deferred`] — or at once when 256 KiB are
+    /// waiting. A process crash may lose it (not only a power cut), which its writer
+    /// must accept; a write failure drops it with a warning.
+    ///
+    /// # Errors
+    /// [`StoreError::RecordTooLarge`], [`StoreError::Poisoned`], [`StoreError::Closed`],
+    /// or the failure of the write it triggered.
+    pub fn append_deferred(&self, payload: Vec<u8>) -> Result<(), StoreError> {
+        if payload.len() > MAX_RECORD_SIZE {
+            return Err(StoreError::RecordTooLarge {
+                len: payload.len(),
+                max: MAX_RECORD_SIZE,
+            });
+        }
+        let core = &self.handle.core;
+        let full = {
+            let mut writer = core.writer.lock();
+            if writer.poisoned.is_some() {
+                return Err(StoreError::Poisoned);
+            }
+            if writer.shutdown {
+                return Err(StoreError::Closed);
+            }
+            writer.deferred_bytes += payload.len();
+            writer.deferred.push(payload);
+            writer.deferred_bytes >= DEFERRED_LIMIT
+        };
+        if full {
+            self.flush_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the deferred records now (the broker calls it on a timer, so an idle
+    /// log does not hold them back for long).
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub fn flush_deferred(&self) -> Result<(), StoreError> {
+        self.append_records(&[], false).map(|_| ())
     }
 
     /// Asks for everything up to `end` to become durable (under `Always`; the other
@@ -406,6 +460,7 @@ impl Store {
     /// (which poisons the store).
     pub fn sync_all(&self) -> Result<(), StoreError> {
         let core = &self.handle.core;
+        self.flush_deferred()?;
         let mut writer = core.writer.lock();
         if writer.poisoned.is_some() {
             return Err(StoreError::Poisoned);
@@ -515,6 +570,9 @@ impl Handle {
         let Some(flusher) = self.flusher.lock().take() else {
             return Ok(());
         };
+        if let Err(error) = self.core.append_batch(&[], false) {
+            tracing::warn!(error = %error, "deferred records could not be written at shutdown");
+        }
         self.core.writer.lock().shutdown = true;
         self.core.flusher_wake.notify_all();
         if flusher.join().is_err() {
@@ -573,7 +631,23 @@ impl Core {
         let mut buf = Vec::new();
         let mut buf_start = writer.active_len;
         let mut pending_refs = 0u64;
-        for &(payload, refs) in payloads {
+        // Deferred records go first, through the same roll checks; they return no
+        // position (nobody reads them back).
+        let deferred = std::mem::take(&mut writer.deferred);
+        writer.deferred_bytes = 0;
+        let deferred_count = deferred.len();
+        let records = deferred
+            .iter()
+            .map(|payload| (payload.as_slice(), 0, false))
+            .chain(
+                payloads
+                    .iter()
+                    .map(|&(payload, refs)| (payload, refs, true)),
+            );
+        if deferred_count == 0 && payloads.is_empty() {
+            return Ok((appended, rolled));
+        }
+        for (payload, refs, report) in records {
             let size = HEADER_LEN + payload.len() as u64;
             let at = buf_start + buf.len() as u64;
             if at > MAGIC_LEN && at + size > self.segment_size {
@@ -587,15 +661,22 @@ impl Core {
             let position = writer.active.base + buf_start + buf.len() as u64;
             encode_record(&mut buf, payload);
             pending_refs += u64::from(refs);
-            appended.push(Appended {
-                position: LogPosition(position),
-                len: u32::try_from(payload.len()).expect("checked against MAX_RECORD_SIZE"),
-                end: position + size,
-            });
+            if report {
+                appended.push(Appended {
+                    position: LogPosition(position),
+                    len: u32::try_from(payload.len()).expect("checked against MAX_RECORD_SIZE"),
+                    end: position + size,
+                });
+            }
         }
-        self.write_pending(&mut writer, &buf, buf_start, pending_refs)?;
+        if let Err(error) = self.write_pending(&mut writer, &buf, buf_start, pending_refs) {
+            if deferred_count > 0 {
+                tracing::warn!(records = deferred_count, error = %error, "deferred records dropped with a failed write");
+            }
+            return Err(error);
+        }
         self.appended_records
-            .fetch_add(payloads.len() as u64, Ordering::SeqCst);
+            .fetch_add((payloads.len() + deferred_count) as u64, Ordering::SeqCst);
         match self.policy {
             FsyncPolicy::Always => {
                 if request {

@@ -655,3 +655,53 @@ fn lazy_appends_wait_for_a_requested_fsync() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Deferred records (acks) cost no write of their own: they go out ahead of the next
+/// append, on `flush_deferred`, `sync_all`, at shutdown, or once 256 KiB wait — and a
+/// crash before any of those loses them.
+#[test]
+fn deferred_records_ride_along_with_the_next_write() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 1 << 20, FsyncPolicy::Never);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    let start = store.stats().written;
+    store.append_deferred(vec![7; 10]).expect("deferred");
+    assert_eq!(store.stats().written, start, "no write of its own");
+    let real = store.append(&[1; 20], 1).expect("append");
+    assert_eq!(
+        real.position.0,
+        start + 8 + 10,
+        "the deferred record went out first"
+    );
+    store.append_deferred(vec![8; 10]).expect("deferred");
+    store.sync_all().expect("sync");
+    store
+        .append_deferred(vec![9; 10])
+        .expect("deferred, never written");
+    let survivor = fs.power_loss();
+    drop(store);
+    let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
+    let payloads: Vec<Vec<u8>> = visited.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(payloads, vec![vec![7; 10], vec![1; 20], vec![8; 10]]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), 1 << 20, FsyncPolicy::Always);
+    let (store, _) = open(cfg.clone());
+    let start = store.stats().written;
+    for i in 0..300 {
+        store.append_deferred(payload(i, 1024)).expect("deferred");
+    }
+    assert!(
+        store.stats().written > start,
+        "256 KiB waiting are written without being asked"
+    );
+    store.append_deferred(vec![5; 3]).expect("deferred");
+    drop(store);
+    let (_store, visited) = open(cfg);
+    assert_eq!(
+        visited.len(),
+        301,
+        "shutdown writes what was still deferred"
+    );
+    assert_eq!(visited[300].1, vec![5; 3]);
+}

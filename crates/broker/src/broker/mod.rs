@@ -340,6 +340,10 @@ impl Broker {
         if definitions_changed {
             let _ = self.persist_definitions(&state);
         }
+        // Acks wait in the store for the next write; on an idle log, this is it.
+        if let Err(err) = self.store.flush_deferred() {
+            tracing::warn!(cause = %err, "deferred ack records could not be written");
+        }
         state.checkpoint_dedup_windows(now);
         state.release_delayed(now, &mut settlements);
         state.release_held(now, &mut settlements);
