@@ -30,6 +30,9 @@ pub(crate) trait LogFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Current length.
     fn len(&self) -> io::Result<u64>;
+    /// Reserves storage for the first `len` bytes without changing the length, so that
+    /// later writes below `len` cannot fail for lack of space. May be unsupported.
+    fn preallocate(&self, len: u64) -> io::Result<()>;
 }
 
 /// Held while the data directory is locked; dropping it unlocks.
@@ -76,6 +79,11 @@ impl LogFile for StdLogFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len)
+            .map_err(io::Error::from)
     }
 
     fn len(&self) -> io::Result<u64> {

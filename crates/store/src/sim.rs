@@ -39,6 +39,8 @@ impl Flags {
 struct Contents {
     current: Vec<u8>,
     synced: Vec<u8>,
+    /// Bytes of space reserved by `preallocate` (writes below it cost no free space).
+    reserved: usize,
 }
 
 struct SimFile {
@@ -54,7 +56,8 @@ impl LogFile for SimFile {
         let mut end = start + buf.len();
         let mut result = Ok(());
         if let Some(free) = self.flags.free_space.lock().as_mut() {
-            let growth = end.saturating_sub(contents.current.len()) as u64;
+            let allocated = contents.current.len().max(contents.reserved);
+            let growth = end.saturating_sub(allocated) as u64;
             if growth > *free {
                 end -= usize::try_from(growth - *free).map_err(io::Error::other)?;
                 *free = 0;
@@ -99,15 +102,16 @@ impl LogFile for SimFile {
         let len = usize::try_from(len).map_err(io::Error::other)?;
         let mut contents = self.contents.lock();
         if let Some(free) = self.flags.free_space.lock().as_mut() {
-            let current = contents.current.len();
-            if len > current {
-                let growth = (len - current) as u64;
+            let before = contents.current.len().max(contents.reserved);
+            let after = len.max(contents.reserved);
+            if after > before {
+                let growth = (after - before) as u64;
                 if growth > *free {
                     return Err(io::Error::from(io::ErrorKind::StorageFull));
                 }
                 *free -= growth;
             } else {
-                *free += (current - len) as u64;
+                *free += (before - after) as u64;
             }
         }
         contents.current.resize(len, 0);
@@ -117,6 +121,24 @@ impl LogFile for SimFile {
     fn len(&self) -> io::Result<u64> {
         self.flags.check_alive()?;
         Ok(self.contents.lock().current.len() as u64)
+    }
+
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        self.flags.check_alive()?;
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        let mut contents = self.contents.lock();
+        let allocated = contents.current.len().max(contents.reserved);
+        if len > allocated {
+            if let Some(free) = self.flags.free_space.lock().as_mut() {
+                let growth = (len - allocated) as u64;
+                if growth > *free {
+                    return Err(io::Error::from(io::ErrorKind::StorageFull));
+                }
+                *free -= growth;
+            }
+            contents.reserved = len;
+        }
+        Ok(())
     }
 }
 
@@ -157,6 +179,7 @@ impl SimFileSystem {
                 contents: Mutex::new(Contents {
                     current: bytes.clone(),
                     synced: bytes,
+                    reserved: 0,
                 }),
                 flags: Arc::clone(&flags),
             });

@@ -1,6 +1,11 @@
 //! [`Store`]: the append path, the flusher thread (group commit), reads, live-reference
 //! counting with prefix deletion, and recovery at open.
 //!
+//! Appends that wait for an fsync are encoded into a pending buffer under the writer
+//! lock and written by the flusher right before it fsyncs, when the active segment's
+//! storage is reserved (`fallocate`), so that write cannot fail for a full disk. A read
+//! of a pending record writes the buffer out first.
+//!
 //! # Lock order
 //! `gc_lock` → `segments`; `writer` → `segments`; `writer` → `sync_lock`. The flusher and
 //! `sync_all` release `writer` before taking `sync_lock` for the fsync itself, so appends
@@ -95,15 +100,31 @@ struct Core {
     durable_tx: watch::Sender<Result<u64, StorePoisoned>>,
     fsyncs: AtomicU64,
     appended_records: AtomicU64,
+    /// Logical offset below which every byte is handed to the OS (readable).
+    flushed: AtomicU64,
     _lock: LockGuard,
 }
 
+/// Pending bytes above which an append writes them at once.
+const PENDING_LIMIT: usize = 1 << 20;
+
 struct Writer {
     active: Arc<Segment>,
-    /// Length of the active segment file = file offset of the next record.
+    /// File offset of the next record in the active segment (bytes below it are
+    /// written or in `pending`).
     active_len: u64,
-    /// `active.base + active_len`.
+    /// `active.base + active_len`: every position below it is assigned.
     written: u64,
+    /// Encoded records at `[flushed_len, active_len)` of the active segment, not yet
+    /// handed to the OS. Only ever non-empty under `Always`, inside space reserved by
+    /// `preallocate` (so their write cannot fail for a full disk), and the flusher writes
+    /// them before it fsyncs: the write leaves the append path and many records share one
+    /// `pwrite`.
+    pending: Vec<u8>,
+    /// File offset in the active segment up to which bytes are handed to the OS.
+    flushed_len: u64,
+    /// The active segment has storage reserved up to this file offset (0: none).
+    preallocated: u64,
     /// Every byte below this is fsynced.
     synced: u64,
     /// Highest offset somebody waits to see durable. Under `Always` the flusher syncs
@@ -121,6 +142,19 @@ struct Writer {
 
 /// Deferred bytes above which [`Store::append_deferred`] writes at once.
 const DEFERRED_LIMIT: usize = 256 * 1024;
+
+/// Reserves storage for a whole segment; returns the file offset writes are safe below
+/// (0 when the filesystem cannot reserve, e.g. FUSE, or the disk is too full: appends then
+/// write synchronously and a full disk is reported per append).
+fn preallocate(file: &dyn LogFile, segment_size: u64) -> u64 {
+    match file.preallocate(segment_size) {
+        Ok(()) => segment_size,
+        Err(error) => {
+            tracing::debug!(error = %error, "segment storage not reserved; writing synchronously");
+            0
+        }
+    }
+}
 
 const LOCK_FILE: &str = "LOCK";
 const LOG_DIR: &str = "log";
@@ -190,6 +224,7 @@ impl Store {
         );
         let active_len = active.len.load(Ordering::SeqCst);
         let written = active.base + active_len;
+        let preallocated = preallocate(active.file.as_ref(), config.segment_size);
         let (durable_tx, _) = watch::channel(Ok(written));
         let core = Arc::new(Core {
             fs,
@@ -201,6 +236,9 @@ impl Store {
                 active,
                 active_len,
                 written,
+                pending: Vec::new(),
+                flushed_len: active_len,
+                preallocated,
                 synced: written,
                 requested: written,
                 deferred: Vec::new(),
@@ -218,6 +256,7 @@ impl Store {
             durable_tx,
             fsyncs: AtomicU64::new(0),
             appended_records: AtomicU64::new(0),
+            flushed: AtomicU64::new(written),
             _lock: lock,
         });
         let flusher_core = Arc::clone(&core);
@@ -235,8 +274,12 @@ impl Store {
     }
 
     /// Appends one record holding `refs` live references (0 for bookkeeping records).
-    /// The bytes are written to the OS before this returns, so [`Store::read`] sees them;
-    /// durability is reported through [`Store::durable`] / [`Store::wait_durable`].
+    /// [`Store::read`] sees it at once; durability is reported through
+    /// [`Store::durable`] / [`Store::wait_durable`]. Under `Always`, inside a segment whose
+    /// storage is reserved, the bytes are handed to the OS by the flusher just before its
+    /// fsync (many appends share one write), so a process crash before that loses the
+    /// record — as it was not confirmed yet. Otherwise they are written before this
+    /// returns.
     ///
     /// # Errors
     /// [`StoreError::RecordTooLarge`] above 512 MiB; [`StoreError::Poisoned`] after an
@@ -311,7 +354,10 @@ impl Store {
     /// # Errors
     /// As [`Store::append`].
     pub fn flush_deferred(&self) -> Result<(), StoreError> {
-        self.append_records(&[], false).map(|_| ())
+        self.append_records(&[], false)?;
+        let core = &self.handle.core;
+        let mut writer = core.writer.lock();
+        core.flush_pending(&mut writer)
     }
 
     /// Asks for everything up to `end` to become durable (under `Always`; the other
@@ -341,6 +387,13 @@ impl Store {
     /// [`StoreError::Corrupt`] if the stored length or checksum does not match;
     /// [`StoreError::Io`] if the read fails (including past the end of the file).
     pub fn read(&self, position: LogPosition, len: u32) -> Result<Bytes, StoreError> {
+        let end = position.0 + HEADER_LEN + u64::from(len);
+        let core = &self.handle.core;
+        if end > core.flushed.load(Ordering::SeqCst) {
+            // Still in the pending buffer: hand it to the OS first.
+            let mut writer = core.writer.lock();
+            core.flush_pending(&mut writer)?;
+        }
         let segment = self
             .handle
             .core
@@ -628,14 +681,14 @@ impl Core {
         }
         let mut appended = Vec::with_capacity(payloads.len());
         let mut rolled = false;
-        let mut buf = Vec::new();
-        let mut buf_start = writer.active_len;
-        let mut pending_refs = 0u64;
         // Deferred records go first, through the same roll checks; they return no
         // position (nobody reads them back).
         let deferred = std::mem::take(&mut writer.deferred);
         writer.deferred_bytes = 0;
         let deferred_count = deferred.len();
+        if deferred_count == 0 && payloads.is_empty() {
+            return Ok((appended, rolled));
+        }
         let records = deferred
             .iter()
             .map(|payload| (payload.as_slice(), 0, false))
@@ -644,23 +697,34 @@ impl Core {
                     .iter()
                     .map(|&(payload, refs)| (payload, refs, true)),
             );
-        if deferred_count == 0 && payloads.is_empty() {
-            return Ok((appended, rolled));
-        }
+        // Where this call's records start in the active segment, when nothing of an
+        // earlier call is pending: a failed write can then be undone by cutting back.
+        let mut own = writer
+            .pending
+            .is_empty()
+            .then_some((writer.active_len, 0u64));
         for (payload, refs, report) in records {
             let size = HEADER_LEN + payload.len() as u64;
-            let at = buf_start + buf.len() as u64;
+            let at = writer.active_len;
             if at > MAGIC_LEN && at + size > self.segment_size {
-                self.write_pending(&mut writer, &buf, buf_start, pending_refs)?;
-                buf.clear();
-                pending_refs = 0;
+                self.write_out(&mut writer, own)?;
                 self.roll(&mut writer)?;
                 rolled = true;
-                buf_start = writer.active_len;
+                own = Some((writer.active_len, 0));
             }
-            let position = writer.active.base + buf_start + buf.len() as u64;
-            encode_record(&mut buf, payload);
-            pending_refs += u64::from(refs);
+            let position = writer.active.base + writer.active_len;
+            encode_record(&mut writer.pending, payload);
+            writer.active_len += size;
+            writer.written = writer.active.base + writer.active_len;
+            // Counted at once: the active segment is never collected, and a release
+            // may come before the write.
+            writer
+                .active
+                .refs
+                .fetch_add(u64::from(refs), Ordering::SeqCst);
+            if let Some((_, own_refs)) = own.as_mut() {
+                *own_refs += u64::from(refs);
+            }
             if report {
                 appended.push(Appended {
                     position: LogPosition(position),
@@ -669,7 +733,14 @@ impl Core {
                 });
             }
         }
-        if let Err(error) = self.write_pending(&mut writer, &buf, buf_start, pending_refs) {
+        // Only records that asked for an fsync wait for the flusher's write; a lazy
+        // record (a transient message, a requeue count) is handed to the OS before this
+        // returns, so that a process crash keeps it.
+        let defer = request
+            && self.policy == FsyncPolicy::Always
+            && writer.active_len <= writer.preallocated
+            && writer.pending.len() < PENDING_LIMIT;
+        if !defer && let Err(error) = self.write_out(&mut writer, own) {
             if deferred_count > 0 {
                 tracing::warn!(records = deferred_count, error = %error, "deferred records dropped with a failed write");
             }
@@ -689,30 +760,52 @@ impl Core {
         Ok((appended, rolled))
     }
 
-    /// Writes `buf` at `offset` of the active segment and accounts for it.
-    fn write_pending(
-        &self,
-        writer: &mut Writer,
-        buf: &[u8],
-        offset: u64,
-        refs: u64,
-    ) -> Result<(), StoreError> {
-        if buf.is_empty() {
+    /// Hands the pending bytes to the OS (poisoning the store if that fails: they may
+    /// belong to earlier appends that already returned).
+    fn flush_pending(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        if writer.poisoned.is_some() {
+            return Err(StoreError::Poisoned);
+        }
+        self.write_out(writer, None)
+    }
+
+    /// Writes the pending bytes at `flushed_len`. `own` = (start, refs) of the records of
+    /// the current append when they are all that is pending: a failure then cuts the
+    /// file back to `start` and forgets them (a refused append, the store stays usable);
+    /// otherwise a failure poisons the store.
+    fn write_out(&self, writer: &mut Writer, own: Option<(u64, u64)>) -> Result<(), StoreError> {
+        if writer.pending.is_empty() {
             return Ok(());
         }
-        if let Err(error) = writer.active.file.write_at(buf, offset) {
+        let offset = writer.flushed_len;
+        if let Err(error) = writer.active.file.write_at(&writer.pending, offset) {
+            let undo = own.filter(|(start, _)| *start == offset);
+            let Some((start, refs)) = undo else {
+                tracing::error!(error = %error, "writing pending log records failed");
+                return Err(self.poison(writer, "writing pending log records", error));
+            };
             // A short write may have left a torn record: cut the file back to the last
             // good record, so nothing torn sits before later appends. If even that
             // fails, the file's contents are unknown and the store must stop.
-            return match writer.active.file.set_len(offset) {
+            return match writer.active.file.set_len(start) {
                 Ok(()) => {
                     tracing::warn!(
                         segment = %writer.active.path.display(),
-                        offset,
-                        bytes = buf.len(),
+                        offset = start,
+                        bytes = writer.pending.len(),
                         error = %error,
                         "segment write failed; cut back to the last good record"
                     );
+                    writer.pending.clear();
+                    writer.active_len = start;
+                    writer.written = writer.active.base + start;
+                    let _ =
+                        writer
+                            .active
+                            .refs
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
+                                Some(r.saturating_sub(refs))
+                            });
                     Err(StoreError::WriteFailed {
                         source: error,
                         context: "writing a segment".to_owned(),
@@ -728,16 +821,20 @@ impl Core {
                 }
             };
         }
-        writer.active_len = offset + buf.len() as u64;
+        writer.pending.clear();
+        writer.flushed_len = writer.active_len;
         writer.active.len.store(writer.active_len, Ordering::SeqCst);
-        writer.written = writer.active.base + writer.active_len;
-        writer.active.refs.fetch_add(refs, Ordering::SeqCst);
+        self.flushed.store(writer.written, Ordering::SeqCst);
         Ok(())
     }
 
     /// Seals the active segment (fsynced) and starts the next one, named by its base
     /// offset = old base + old length, with its magic and directory entry fsynced.
     fn roll(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        debug_assert!(
+            writer.pending.is_empty(),
+            "pending bytes are written before a roll"
+        );
         let old = Arc::clone(&writer.active);
         if let Err(error) = self.sync_file(old.file.as_ref()) {
             return Err(self.poison(writer, "fsyncing a segment before roll", error));
@@ -793,10 +890,14 @@ impl Core {
             len: AtomicU64::new(MAGIC_LEN),
             refs: AtomicU64::new(0),
         });
+        let preallocated = preallocate(segment.file.as_ref(), self.segment_size);
         self.segments.write().insert(base, Arc::clone(&segment));
         writer.active = segment;
         writer.active_len = MAGIC_LEN;
         writer.written = base + MAGIC_LEN;
+        writer.flushed_len = MAGIC_LEN;
+        writer.preallocated = preallocated;
+        self.flushed.store(writer.written, Ordering::SeqCst);
         // The old segment and the new magic are both fsynced.
         writer.synced = writer.written;
         if self.policy == FsyncPolicy::Always {
@@ -809,6 +910,7 @@ impl Core {
     /// Fsyncs the active segment up to what is written now, with `writer` released during
     /// the fsync, then advances `synced` (and publishes it under `Always`).
     fn sync_locked(&self, writer: &mut MutexGuard<'_, Writer>) -> Result<(), StoreError> {
+        self.flush_pending(writer)?;
         let target = writer.written;
         let file = Arc::clone(&writer.active.file);
         let result = MutexGuard::unlocked(writer, || self.sync_file(file.as_ref()));

@@ -184,6 +184,7 @@ fn corrupted_record_reads_as_corrupt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _) = open(StoreConfig::new(dir.path()));
     let at = store.append(b"precious", 0).expect("append");
+    store.sync_all().expect("written out");
     let path = dir.path().join("log").join(format!("{:020}.log", 0));
     let mut bytes = std::fs::read(&path).expect("read segment");
     let last = bytes.len() - 1;
@@ -553,6 +554,9 @@ fn confirmed_records_survive_power_loss() {
 fn failed_write_is_undone_and_the_store_keeps_working() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 1 << 20, FsyncPolicy::Always);
+    // Too little room to reserve the segment: appends write synchronously, and a full
+    // disk surfaces on the write itself.
+    fs.set_free_space(Some(10_000));
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
     let good = store.append(&payload(1, 100), 1).expect("append");
     block_on(store.wait_durable(good.end)).expect("durable");
@@ -704,4 +708,36 @@ fn deferred_records_ride_along_with_the_next_write() {
         "shutdown writes what was still deferred"
     );
     assert_eq!(visited[300].1, vec![5; 3]);
+}
+
+/// With the segment's storage reserved, appends that ask for an fsync leave their bytes
+/// to the flusher (one write per fsync), a full disk no longer fails them, and a power
+/// cut after `wait_durable` keeps every one of them.
+#[test]
+fn reserved_segment_defers_writes_to_the_flusher_and_survives_power_loss() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 1 << 20, FsyncPolicy::Always);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    fs.set_free_space(Some(0));
+    let mut appended = Vec::new();
+    for i in 0..50 {
+        appended.push((
+            store.append(&payload(i, 500), 1).expect("append"),
+            payload(i, 500),
+        ));
+    }
+    let last = appended.last().expect("appended").0;
+    assert_eq!(
+        store
+            .read(appended[7].0.position, 500)
+            .expect("readable before any fsync"),
+        payload(7, 500)
+    );
+    block_on(store.wait_durable(last.end)).expect("durable");
+    let survivor = fs.power_loss();
+    drop(store);
+    let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
+    let expected: Vec<(LogPosition, Vec<u8>)> =
+        appended.into_iter().map(|(a, p)| (a.position, p)).collect();
+    assert_eq!(visited, expected);
 }

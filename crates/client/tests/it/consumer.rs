@@ -10,8 +10,8 @@ use std::time::Duration;
 use holdfast_client::consumer::{ConsumerConfig, dead_letter_queue, replay_dead_letters};
 use holdfast_client::{Consumer, IdempotentConsumer, Message, Outcome, RetryPolicy, TxOutcome};
 
-use crate::outbox::{relay_producer, wait_for};
 use crate::Broker;
+use crate::outbox::{relay_producer, wait_for};
 
 fn quick(url: String, queue: &str) -> ConsumerConfig {
     ConsumerConfig::new(url, queue)
