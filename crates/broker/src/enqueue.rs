@@ -240,10 +240,14 @@ impl State {
             let refs = u32::try_from(accepted.len()).unwrap_or(u32::MAX);
             // Only a message some queue must recover asks for an fsync of its own; the
             // rest (transient messages, copies nobody waits for) ride along with the next.
-            let written = if durable_queues.is_empty() {
-                self.store.append_lazy(&record, refs)
-            } else {
+            let written = if !durable_queues.is_empty() {
                 self.store.append(&record, refs)
+            } else if settles.is_empty() && dedup_scopes.is_empty() {
+                // Nothing here is ever recovered (no durable copy, no removal of a durable
+                // original, no dedup key of a durable queue): the record only serves reads.
+                self.store.append_volatile(&record, refs)
+            } else {
+                self.store.append_lazy(&record, refs)
             };
             let appended = match written {
                 Ok(appended) => appended,

@@ -140,6 +140,17 @@ struct Writer {
     shutdown: bool,
 }
 
+/// What an append's caller needs of its write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Durability {
+    /// Confirmable once fsynced: the flusher is asked to sync it.
+    Requested,
+    /// No fsync of its own, but handed to the OS before the append returns.
+    Lazy,
+    /// Neither: no recovery needs it.
+    Volatile,
+}
+
 /// Deferred bytes above which [`Store::append_deferred`] writes at once.
 const DEFERRED_LIMIT: usize = 256 * 1024;
 
@@ -299,7 +310,7 @@ impl Store {
     /// As [`Store::append`]. If a later record of the batch fails, earlier ones may be in
     /// the log (and be replayed after a restart) although the call returned an error.
     pub fn append_batch(&self, payloads: &[(&[u8], u32)]) -> Result<Vec<Appended>, StoreError> {
-        self.append_records(payloads, true)
+        self.append_records(payloads, Durability::Requested)
     }
 
     /// Appends a record that nobody will wait on (an ack, a transient message): under
@@ -309,7 +320,19 @@ impl Store {
     /// # Errors
     /// As [`Store::append`].
     pub fn append_lazy(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
-        let mut appended = self.append_records(&[(payload, refs)], false)?;
+        let mut appended = self.append_records(&[(payload, refs)], Durability::Lazy)?;
+        Ok(appended.pop().expect("one record in, one position out"))
+    }
+
+    /// Appends a record that no recovery needs (a transient message: it is read back
+    /// while the process lives, never replayed): like [`Store::append_lazy`], but the
+    /// bytes may wait in the pending buffer like a requested append's — a process crash
+    /// may lose them, and a read writes them out first.
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub fn append_volatile(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
+        let mut appended = self.append_records(&[(payload, refs)], Durability::Volatile)?;
         Ok(appended.pop().expect("one record in, one position out"))
     }
 
@@ -354,7 +377,7 @@ impl Store {
     /// # Errors
     /// As [`Store::append`].
     pub fn flush_deferred(&self) -> Result<(), StoreError> {
-        self.append_records(&[], false)?;
+        self.append_records(&[], Durability::Lazy)?;
         let core = &self.handle.core;
         let mut writer = core.writer.lock();
         core.flush_pending(&mut writer)
@@ -369,10 +392,10 @@ impl Store {
     fn append_records(
         &self,
         payloads: &[(&[u8], u32)],
-        request: bool,
+        durability: Durability,
     ) -> Result<Vec<Appended>, StoreError> {
         let core = &self.handle.core;
-        let (appended, rolled) = core.append_batch(payloads, request)?;
+        let (appended, rolled) = core.append_batch(payloads, durability)?;
         if rolled && core.gc_enabled.load(Ordering::SeqCst) {
             core.collect_garbage();
         }
@@ -623,7 +646,7 @@ impl Handle {
         let Some(flusher) = self.flusher.lock().take() else {
             return Ok(());
         };
-        if let Err(error) = self.core.append_batch(&[], false) {
+        if let Err(error) = self.core.append_batch(&[], Durability::Lazy) {
             tracing::warn!(error = %error, "deferred records could not be written at shutdown");
         }
         self.core.writer.lock().shutdown = true;
@@ -662,8 +685,9 @@ impl Core {
     fn append_batch(
         &self,
         payloads: &[(&[u8], u32)],
-        request: bool,
+        durability: Durability,
     ) -> Result<(Vec<Appended>, bool), StoreError> {
+        let request = durability == Durability::Requested;
         for (payload, _) in payloads {
             if payload.len() > MAX_RECORD_SIZE {
                 return Err(StoreError::RecordTooLarge {
@@ -733,10 +757,11 @@ impl Core {
                 });
             }
         }
-        // Only records that asked for an fsync wait for the flusher's write; a lazy
-        // record (a transient message, a requeue count) is handed to the OS before this
-        // returns, so that a process crash keeps it.
-        let defer = request
+        // Records that asked for an fsync (or that no recovery needs) wait for the
+        // flusher's write; a lazy record (a requeue count, a dead-letter copy that settles
+        // a durable original) is handed to the OS before this returns, so that a process
+        // crash keeps it.
+        let defer = durability != Durability::Lazy
             && self.policy == FsyncPolicy::Always
             && writer.active_len <= writer.preallocated
             && writer.pending.len() < PENDING_LIMIT;

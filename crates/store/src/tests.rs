@@ -741,3 +741,27 @@ fn reserved_segment_defers_writes_to_the_flusher_and_survives_power_loss() {
         appended.into_iter().map(|(a, p)| (a.position, p)).collect();
     assert_eq!(visited, expected);
 }
+
+/// A volatile record (a transient message) may wait in the pending buffer: readable at
+/// once, written out by `flush_deferred` (the broker's tick), and lost by a crash before
+/// that — which is fine, nothing recovers it.
+#[test]
+fn volatile_records_are_readable_at_once_and_written_on_the_tick() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 1 << 20, FsyncPolicy::Always);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    let kept = store.append_volatile(&[3; 40], 1).expect("append");
+    store.flush_deferred().expect("tick");
+    store.sync_all().expect("sync");
+    let lost = store.append_volatile(&[4; 40], 1).expect("append");
+    assert_eq!(
+        store.read(lost.position, 40).expect("read").as_ref(),
+        &[4; 40]
+    );
+    let unread = store.append_volatile(&[5; 40], 1).expect("append");
+    let survivor = fs.power_loss();
+    drop(store);
+    let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
+    assert_eq!(visited, vec![(kept.position, vec![3; 40])]);
+    assert!(unread.position > lost.position);
+}
