@@ -65,7 +65,8 @@ impl Report {
             host,
             params,
             messages,
-            duration_secs: round(duration_secs, 3),
+            // Microseconds: a fast run of a few hundred messages must not read as 0 s.
+            duration_secs: round(duration_secs, 6),
             msgs_per_sec: round(msgs_per_sec, 1),
             mib_per_sec: round(msgs_per_sec * body_size as f64 / (1024.0 * 1024.0), 2),
             latency_us: None,
