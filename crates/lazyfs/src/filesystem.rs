@@ -303,6 +303,32 @@ impl Filesystem for LazyFs {
         }
     }
 
+    /// Only `FALLOC_FL_KEEP_SIZE` (reserve without growing), which the store uses so
+    /// its deferred writes cannot fail for space. Unsynced bytes live in memory here, so
+    /// there is nothing to reserve: accepting it lets the power-loss tests run the store's
+    /// deferred-write path, as on ext4.
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        const FALLOC_FL_KEEP_SIZE: i32 = 1;
+        if mode != FALLOC_FL_KEEP_SIZE {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
+        match self.attributes(ino.0) {
+            Ok(attr) if attr.kind == FileType::RegularFile => reply.ok(),
+            Ok(_) => reply.error(Errno::EISDIR),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.attributes(ino.0) {
             Ok(attr) if attr.kind == FileType::Directory => {
