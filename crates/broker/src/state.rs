@@ -280,7 +280,7 @@ impl<'a> Settlements<'a> {
             error!(cause = %err, "requeue record could not be written");
         }
         if !self.acks.is_empty()
-            && let Err(err) = store.append_deferred(encode_ack(&self.acks).to_vec())
+            && let Err(err) = store.append_deferred(encode_ack(&self.acks))
         {
             error!(cause = %err, "ack record could not be written");
         }

@@ -345,7 +345,8 @@ impl Store {
     /// # Errors
     /// [`StoreError::RecordTooLarge`], [`StoreError::Poisoned`], [`StoreError::Closed`],
     /// or the failure of the write it triggered.
-    pub fn append_deferred(&self, payload: Vec<u8>) -> Result<(), StoreError> {
+    pub fn append_deferred(&self, payload: impl Into<Vec<u8>>) -> Result<(), StoreError> {
+        let payload = payload.into();
         if payload.len() > MAX_RECORD_SIZE {
             return Err(StoreError::RecordTooLarge {
                 len: payload.len(),
@@ -377,10 +378,8 @@ impl Store {
     /// # Errors
     /// As [`Store::append`].
     pub fn flush_deferred(&self) -> Result<(), StoreError> {
-        self.append_records(&[], Durability::Lazy)?;
-        let core = &self.handle.core;
-        let mut writer = core.writer.lock();
-        core.flush_pending(&mut writer)
+        // A lazy append of nothing writes the deferred records and whatever is pending.
+        self.append_records(&[], Durability::Lazy).map(|_| ())
     }
 
     /// Asks for everything up to `end` to become durable (under `Always`; the other
@@ -710,9 +709,6 @@ impl Core {
         let deferred = std::mem::take(&mut writer.deferred);
         writer.deferred_bytes = 0;
         let deferred_count = deferred.len();
-        if deferred_count == 0 && payloads.is_empty() {
-            return Ok((appended, rolled));
-        }
         let records = deferred
             .iter()
             .map(|payload| (payload.as_slice(), 0, false))

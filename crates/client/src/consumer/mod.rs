@@ -87,26 +87,34 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    fn from_lapin(delivery: &lapin::message::Delivery) -> Self {
-        let headers = delivery.properties.headers().as_ref();
-        let attempt = headers
+    /// Takes the body without copying it; the acker goes to whoever settles.
+    fn from_lapin(delivery: lapin::message::Delivery) -> (Self, lapin::Acker) {
+        let lapin::message::Delivery {
+            exchange,
+            routing_key,
+            redelivered,
+            properties,
+            data,
+            acker,
+            ..
+        } = delivery;
+        let attempt = properties
+            .headers()
+            .as_ref()
             .and_then(|h| h.inner().get(&ShortString::from(ATTEMPT_HEADER)))
             .and_then(amqp_u32)
             .unwrap_or(1)
             .max(1);
-        Delivery {
-            message_id: delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(ToString::to_string),
-            body: Bytes::from(delivery.data.clone()),
-            exchange: delivery.exchange.to_string(),
-            routing_key: delivery.routing_key.to_string(),
-            redelivered: delivery.redelivered,
+        let message = Delivery {
+            message_id: properties.message_id().as_ref().map(ToString::to_string),
+            body: Bytes::from(data),
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            redelivered,
             attempt,
-            properties: delivery.properties.clone(),
-        }
+            properties,
+        };
+        (message, acker)
     }
 }
 
@@ -426,9 +434,12 @@ async fn consume_on<H: Handler>(
 }
 
 async fn process<H: Handler>(shared: &Shared<H>, link: &Link, delivery: lapin::message::Delivery) {
-    let message = Delivery::from_lapin(&delivery);
+    let (message, acker) = Delivery::from_lapin(delivery);
     let attempt = message.attempt;
     let message_id = message.message_id.clone().unwrap_or_default();
+    // Kept for a retry copy (the body is shared, not copied).
+    let body = message.body.clone();
+    let properties = message.properties.clone();
     let outcome = match AssertUnwindSafe(shared.handler.handle(message))
         .catch_unwind()
         .await
@@ -442,22 +453,20 @@ async fn process<H: Handler>(shared: &Shared<H>, link: &Link, delivery: lapin::m
     };
     let config = &shared.config;
     let result = match outcome {
-        Outcome::Ack => delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| {
-                shared.stats.acked.fetch_add(1, Ordering::Relaxed);
-            }),
+        Outcome::Ack => acker.ack(BasicAckOptions::default()).await.map(|_| {
+            shared.stats.acked.fetch_add(1, Ordering::Relaxed);
+        }),
         Outcome::Retry | Outcome::RetryAfter(_) if attempt >= config.max_attempts => {
             tracing::warn!(message_id, attempt, "attempts exhausted; dead-lettering");
-            dead_letter(shared, &delivery).await
+            dead_letter(shared, &acker).await
         }
-        Outcome::Retry => {
-            let delay = config.retry_delay.cap(attempt);
-            retry(shared, link, &delivery, attempt, delay).await
+        Outcome::Retry | Outcome::RetryAfter(_) => {
+            let delay = match outcome {
+                Outcome::RetryAfter(delay) => delay,
+                _ => config.retry_delay.cap(attempt),
+            };
+            retry(shared, link, &acker, &body, properties, attempt, delay).await
         }
-        Outcome::RetryAfter(delay) => retry(shared, link, &delivery, attempt, delay).await,
         Outcome::Reject(reason) => {
             tracing::warn!(
                 message_id,
@@ -465,7 +474,7 @@ async fn process<H: Handler>(shared: &Shared<H>, link: &Link, delivery: lapin::m
                 reason,
                 "handler rejected; dead-lettering"
             );
-            dead_letter(shared, &delivery).await
+            dead_letter(shared, &acker).await
         }
     };
     if let Err(e) = result {
@@ -474,14 +483,8 @@ async fn process<H: Handler>(shared: &Shared<H>, link: &Link, delivery: lapin::m
     }
 }
 
-async fn dead_letter<H>(
-    shared: &Shared<H>,
-    delivery: &lapin::message::Delivery,
-) -> Result<(), lapin::Error> {
-    delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: false })
-        .await?;
+async fn dead_letter<H>(shared: &Shared<H>, acker: &lapin::Acker) -> Result<(), lapin::Error> {
+    acker.reject(BasicRejectOptions { requeue: false }).await?;
     shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -491,7 +494,9 @@ async fn dead_letter<H>(
 async fn retry<H>(
     shared: &Shared<H>,
     link: &Link,
-    delivery: &lapin::message::Delivery,
+    acker: &lapin::Acker,
+    body: &[u8],
+    properties: BasicProperties,
     attempt: u32,
     delay: Duration,
 ) -> Result<(), lapin::Error> {
@@ -503,9 +508,8 @@ async fn retry<H>(
         topology::declare_retry_queue(&link.publish, queue, delay_ms).await?;
         lock(&shared.declared_delays).insert(delay_ms);
     }
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt + 1));
-    let properties = delivery.properties.clone().with_headers(headers);
     let confirm = link
         .publish
         .basic_publish(
@@ -515,21 +519,20 @@ async fn retry<H>(
                 mandatory: true,
                 immediate: false,
             },
-            &delivery.data,
-            properties,
+            body,
+            properties.with_headers(headers),
         )
         .await?
         .await?;
     if matches!(confirm, lapin::Confirmation::Ack(None)) {
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        acker.ack(BasicAckOptions::default()).await?;
         shared.stats.retried.fetch_add(1, Ordering::Relaxed);
     } else {
         tracing::warn!(
             delay_queue,
             "delay queue refused the retry copy; requeueing"
         );
-        delivery
-            .acker
+        acker
             .nack(BasicNackOptions {
                 multiple: false,
                 requeue: true,
