@@ -123,12 +123,16 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, DecodeError> {
             method_id,
         });
     }
+    let malformed = DecodeError::MalformedMethod {
+        class_id,
+        method_id,
+    };
+    if let Some(hot) = crate::hot_methods::decode(class_id, method_id, &payload[4..]) {
+        return hot.ok_or(malformed);
+    }
     match parse_class(payload) {
         Ok((&[], method)) => Ok(method),
-        _ => Err(DecodeError::MalformedMethod {
-            class_id,
-            method_id,
-        }),
+        _ => Err(malformed),
     }
 }
 

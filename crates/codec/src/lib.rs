@@ -19,6 +19,7 @@ mod assembler;
 mod decode;
 mod encode;
 mod error;
+mod hot_methods;
 
 pub use amq_protocol::protocol::{
     AMQPClass, access, basic, channel, confirm, connection, constants, exchange, queue, tx,

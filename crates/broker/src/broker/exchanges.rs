@@ -34,7 +34,7 @@ impl Broker {
         let vhost_name = Self::vhost_of(&state, connection)?;
         let vhost = state
             .vhosts
-            .get_mut(&vhost_name)
+            .get_mut(&*vhost_name)
             .ok_or_else(|| not_found_exchange(name, &vhost_name))?;
         if name.is_empty() {
             return Err(default_exchange_refused());
@@ -121,7 +121,7 @@ impl Broker {
             state.next_queue_id = scope.0 + 1;
             exchange.dedup_scope = Some(scope);
         }
-        if let Some(vhost) = state.vhosts.get_mut(&vhost_name) {
+        if let Some(vhost) = state.vhosts.get_mut(&*vhost_name) {
             vhost.exchanges.insert(name.to_owned(), exchange);
         }
         if durable {
@@ -154,7 +154,7 @@ impl Broker {
                 )
             });
         }
-        let Some(vhost) = state.vhosts.get_mut(&vhost_name) else {
+        let Some(vhost) = state.vhosts.get_mut(&*vhost_name) else {
             return Ok(());
         };
         let Some(exchange) = vhost.exchanges.get(name) else {
@@ -206,7 +206,7 @@ impl Broker {
         }
         let vhost = state
             .vhosts
-            .get_mut(&vhost_name)
+            .get_mut(&*vhost_name)
             .ok_or_else(|| not_found_exchange(source, &vhost_name))?;
         let destination_durable = match vhost.exchanges.get(destination) {
             Some(exchange) => exchange.durable,

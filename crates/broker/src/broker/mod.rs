@@ -441,7 +441,7 @@ impl Broker {
         state.connections.insert(
             id,
             ConnectionState {
-                vhost: vhost.to_owned(),
+                vhost: vhost.into(),
                 outbound,
                 channels: HashSet::new(),
                 exclusive_queues: HashSet::new(),
@@ -557,7 +557,7 @@ impl Broker {
         }
     }
 
-    fn vhost_of(state: &State, connection: ConnectionId) -> AmqpResult<String> {
+    fn vhost_of(state: &State, connection: ConnectionId) -> AmqpResult<std::sync::Arc<str>> {
         state
             .connections
             .get(&connection)

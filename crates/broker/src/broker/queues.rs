@@ -34,7 +34,7 @@ impl Broker {
         };
         let existing = state
             .vhosts
-            .get(&vhost_name)
+            .get(&*vhost_name)
             .and_then(|v| v.queues.get(&name))
             .copied();
         if let Some(id) = existing {
@@ -109,7 +109,7 @@ impl Broker {
             Queue::new(
                 id,
                 name.clone(),
-                vhost_name.clone(),
+                vhost_name.to_string(),
                 request.durable,
                 request.exclusive.then_some(connection),
                 request.auto_delete,
@@ -118,7 +118,7 @@ impl Broker {
                 now_ms(),
             ),
         );
-        if let Some(vhost) = state.vhosts.get_mut(&vhost_name) {
+        if let Some(vhost) = state.vhosts.get_mut(&*vhost_name) {
             vhost.queues.insert(name.clone(), id);
         }
         if request.exclusive
@@ -162,7 +162,7 @@ impl Broker {
             .is_some_and(|q| q.durable && q.exclusive_owner.is_none());
         let vhost = state
             .vhosts
-            .get_mut(&vhost_name)
+            .get_mut(&*vhost_name)
             .ok_or_else(|| not_found_exchange(exchange, &vhost_name))?;
         let source = vhost
             .exchanges
