@@ -57,6 +57,7 @@ mod config;
 mod error;
 mod file_layer;
 mod position;
+mod reaper;
 mod segment;
 #[cfg(test)]
 mod sim;

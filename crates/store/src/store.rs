@@ -27,6 +27,7 @@ use crate::config::{FsyncPolicy, StoreConfig};
 use crate::error::{StoreError, StorePoisoned};
 use crate::file_layer::{FileSystem, LockGuard, LogFile, StdFileSystem};
 use crate::position::LogPosition;
+use crate::reaper::Reaper;
 use crate::segment::{
     HEADER_LEN, MAGIC, MAGIC_LEN, MAX_RECORD_SIZE, Segment, decode_header, encode_record,
     parse_segment_file_name, record_crc, scan, segment_file_name,
@@ -102,6 +103,8 @@ struct Core {
     appended_records: AtomicU64,
     /// Logical offset below which every byte is handed to the OS (readable).
     flushed: AtomicU64,
+    /// Deletes the segments garbage collection takes out of the table.
+    reaper: Reaper,
     _lock: LockGuard,
 }
 
@@ -136,6 +139,10 @@ struct Writer {
     /// [`Store::flush_deferred`]).
     deferred: Vec<Vec<u8>>,
     deferred_bytes: usize,
+    /// The active segment was created by a roll under `Always` and neither its magic nor
+    /// its directory entry is fsynced yet; the next `sync_locked` syncs both before it
+    /// publishes anything in it.
+    unsynced_dir: bool,
     poisoned: Option<StorePoisoned>,
     shutdown: bool,
 }
@@ -237,6 +244,8 @@ impl Store {
         let written = active.base + active_len;
         let preallocated = preallocate(active.file.as_ref(), config.segment_size);
         let (durable_tx, _) = watch::channel(Ok(written));
+        let reaper = Reaper::start(Arc::clone(&fs), log_dir.clone())
+            .map_err(StoreError::io("spawning the segment reaper thread"))?;
         let core = Arc::new(Core {
             fs,
             dir,
@@ -254,6 +263,7 @@ impl Store {
                 requested: written,
                 deferred: Vec::new(),
                 deferred_bytes: 0,
+                unsynced_dir: false,
                 poisoned: None,
                 shutdown: false,
             }),
@@ -268,6 +278,7 @@ impl Store {
             fsyncs: AtomicU64::new(0),
             appended_records: AtomicU64::new(0),
             flushed: AtomicU64::new(written),
+            reaper,
             _lock: lock,
         });
         let flusher_core = Arc::clone(&core);
@@ -500,6 +511,12 @@ impl Store {
         core.collect_garbage();
     }
 
+    /// Blocks until the segment files garbage collection gave up so far are deleted
+    /// (deletion runs on a thread of its own).
+    pub fn wait_for_deletions(&self) {
+        self.handle.core.reaper.wait_idle();
+    }
+
     /// A watch of the confirmable logical offset: under [`FsyncPolicy::Always`] every byte
     /// below it is fsynced; under `Interval` and `Never` it is the offset written to the
     /// OS. Becomes `Err` once the store is poisoned and never changes again.
@@ -653,6 +670,7 @@ impl Handle {
         if flusher.join().is_err() {
             tracing::error!("store flusher thread panicked");
         }
+        self.core.reaper.stop();
         let mut writer = self.core.writer.lock();
         if writer.poisoned.is_some() {
             return Err(StoreError::Poisoned);
@@ -860,6 +878,15 @@ impl Core {
         if let Err(error) = self.sync_file(old.file.as_ref()) {
             return Err(self.poison(writer, "fsyncing a segment before roll", error));
         }
+        // Two rolls before the flusher synced the directory (records larger than what
+        // one flusher pass covers): the older name must be durable before a newer one,
+        // or a power cut could leave a gap between segments.
+        if writer.unsynced_dir {
+            if let Err(error) = self.fs.sync_dir(&self.log_dir) {
+                return Err(self.poison(writer, "syncing the log directory before roll", error));
+            }
+            writer.unsynced_dir = false;
+        }
         let base = old.base + writer.active_len;
         let path = self.log_dir.join(segment_file_name(base));
         let written = self.fs.open(&path, true).and_then(|file| {
@@ -898,11 +925,20 @@ impl Core {
                 };
             }
         };
-        let synced = self
-            .sync_file(file.as_ref())
-            .and_then(|()| self.fs.sync_dir(&self.log_dir));
-        if let Err(error) = synced {
-            return Err(self.poison(writer, "creating a segment", error));
+        // Under `Always` the new segment's magic and directory entry are fsynced by the
+        // flusher, before it publishes anything written into it: appends wait for one
+        // fsync at a roll (the old segment's tail) instead of three. The old segment is
+        // complete on disk, so a power cut before that leaves at most a torn last
+        // segment, which recovery cuts or resets. Other policies publish on write, so
+        // the roll makes the new segment durable itself.
+        let defer_sync = self.policy == FsyncPolicy::Always;
+        if !defer_sync {
+            let synced = self
+                .sync_file(file.as_ref())
+                .and_then(|()| self.fs.sync_dir(&self.log_dir));
+            if let Err(error) = synced {
+                return Err(self.poison(writer, "creating a segment", error));
+            }
         }
         let segment = Arc::new(Segment {
             base,
@@ -919,10 +955,13 @@ impl Core {
         writer.flushed_len = MAGIC_LEN;
         writer.preallocated = preallocated;
         self.flushed.store(writer.written, Ordering::SeqCst);
-        // The old segment and the new magic are both fsynced.
-        writer.synced = writer.written;
-        if self.policy == FsyncPolicy::Always {
-            self.publish(writer.synced);
+        if defer_sync {
+            // The old segment is fsynced to its end; the new magic is not yet.
+            writer.unsynced_dir = true;
+            writer.synced = base;
+            self.publish(base);
+        } else {
+            writer.synced = writer.written;
         }
         tracing::debug!(base, "segment rolled");
         Ok(())
@@ -934,9 +973,22 @@ impl Core {
         self.flush_pending(writer)?;
         let target = writer.written;
         let file = Arc::clone(&writer.active.file);
-        let result = MutexGuard::unlocked(writer, || self.sync_file(file.as_ref()));
+        let active_base = writer.active.base;
+        let sync_dir = writer.unsynced_dir;
+        let result = MutexGuard::unlocked(writer, || {
+            self.sync_file(file.as_ref())?;
+            if sync_dir {
+                self.fs.sync_dir(&self.log_dir)?;
+            }
+            Ok(())
+        });
         if let Err(error) = result {
             return Err(self.poison(writer, "fsyncing a segment", error));
+        }
+        // A roll meanwhile synced this directory entry itself and set the flag anew for
+        // the segment after it.
+        if sync_dir && writer.active.base == active_base {
+            writer.unsynced_dir = false;
         }
         if writer.poisoned.is_some() {
             return Err(StoreError::Poisoned);
@@ -1067,19 +1119,10 @@ impl Core {
                 dead.push(entry.remove());
             }
         }
+        // Out of the table (reads now fail with NotFound); the files go on the reaper's
+        // thread, in this order.
         for segment in dead {
-            let result = self
-                .fs
-                .remove_file(&segment.path)
-                .and_then(|()| self.fs.sync_dir(&self.log_dir));
-            match result {
-                Ok(()) => tracing::debug!(base = segment.base, "segment deleted"),
-                Err(error) => tracing::warn!(
-                    segment = %segment.path.display(),
-                    error = %error,
-                    "could not delete a dead segment"
-                ),
-            }
+            self.reaper.delete(segment);
         }
     }
 }

@@ -221,6 +221,7 @@ fn release_deletes_only_a_dead_prefix() {
     store.release(appended[2].position);
     store.release(appended[3].position);
     assert_eq!(store.stats().segments, 4);
+    store.wait_for_deletions();
     assert_eq!(segment_files(dir.path()).len(), 4);
 
     // A dies: A and B go together.
@@ -228,6 +229,7 @@ fn release_deletes_only_a_dead_prefix() {
     assert_eq!(store.stats().segments, 4);
     store.release(appended[1].position);
     assert_eq!(store.stats().segments, 2);
+    store.wait_for_deletions();
     assert_eq!(segment_files(dir.path()).len(), 2);
     assert!(matches!(
         store.read(appended[0].position, appended[0].len),
@@ -471,6 +473,43 @@ fn unsynced_segment_creation_is_lost_on_power_loss() {
     drop(store);
     let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
     assert_eq!(visited, vec![(synced.position, vec![1; 100])]);
+}
+
+/// Under `Always` a roll fsyncs only the old segment; the new segment's magic and name
+/// become durable with the flusher's next fsync. Records of the old segment are
+/// published at the roll, and the first record confirmed in the new segment survives a
+/// power cut (so its directory entry was synced before the confirm).
+#[test]
+fn roll_under_always_defers_the_new_segment_sync_to_the_flusher() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    let first = store.append(&[1; 3000], 0).expect("append");
+    block_on(store.wait_durable(first.end)).expect("durable");
+    let second = store.append(&[2; 3000], 0).expect("append that rolls");
+    assert_eq!(
+        store.stats().segments,
+        2,
+        "the second record starts a segment"
+    );
+    assert!(*store.durable().borrow().as_ref().expect("healthy") >= first.end);
+
+    // Cut before the flusher ran: the old segment is intact, the new one may vanish.
+    let early = fs.power_loss();
+    let (_store, visited) = open_sim(&early, cfg.clone()).expect("reopen");
+    assert_eq!(visited.first(), Some(&(first.position, vec![1; 3000])));
+
+    block_on(store.wait_durable(second.end)).expect("durable");
+    let late = fs.power_loss();
+    drop(store);
+    let (_store, visited) = open_sim(&late, cfg).expect("reopen");
+    assert_eq!(
+        visited,
+        vec![
+            (first.position, vec![1; 3000]),
+            (second.position, vec![2; 3000])
+        ]
+    );
 }
 
 /// Appends from several threads under `Always`, cuts the power at a random moment, and
