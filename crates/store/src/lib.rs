@@ -22,9 +22,13 @@
 //! is caught, and so that an all-zero header (a zero-filled tail) is never a valid record.
 //! Payloads are at most 512 MiB. A record never spans segments: when it does not fit in
 //! the rest of the active segment (and the segment already holds a record), the active
-//! segment is fsynced and the next one is created at `base = old base + old file length`,
-//! its magic fsynced and the directory fsynced. Positions therefore strictly increase and
-//! are never shared between two records that both survive.
+//! segment is fsynced and the next one is created at `base = old base + old file length`;
+//! its magic and the directory are fsynced before anything in it counts as durable (under
+//! `Always` by the flusher's next fsync, so a roll costs appends one fsync; under the other
+//! policies by the roll itself). Positions therefore strictly increase and are never shared
+//! between two records that both survive. Dead segments leave the segment table at once and
+//! are unlinked on a reaper thread, oldest first (freeing a large file's blocks takes tens
+//! of milliseconds, which no append or read should wait for).
 //!
 //! # Durability
 //! Appends assign positions and issue the write syscall under one mutex, so a record is
