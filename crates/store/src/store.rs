@@ -119,10 +119,11 @@ struct Writer {
     /// `active.base + active_len`: every position below it is assigned.
     written: u64,
     /// Encoded records at `[flushed_len, active_len)` of the active segment, not yet
-    /// handed to the OS. Only ever non-empty under `Always`, inside space reserved by
-    /// `preallocate` (so their write cannot fail for a full disk), and the flusher writes
-    /// them before it fsyncs: the write leaves the append path and many records share one
-    /// `pwrite`.
+    /// handed to the OS. Only ever non-empty inside space reserved by `preallocate` (so
+    /// their write cannot fail for a full disk); the flusher writes them before it fsyncs
+    /// (under `Always`) or as soon as an append waits for them (under `Interval` and
+    /// `Never`, which confirm on write): the write leaves the append path and many
+    /// records share one `pwrite`.
     pending: Vec<u8>,
     /// File offset in the active segment up to which bytes are handed to the OS.
     flushed_len: u64,
@@ -776,7 +777,6 @@ impl Core {
         // a durable original) is handed to the OS before this returns, so that a process
         // crash keeps it.
         let defer = durability != Durability::Lazy
-            && self.policy == FsyncPolicy::Always
             && writer.active_len <= writer.preallocated
             && writer.pending.len() < PENDING_LIMIT;
         if !defer && let Err(error) = self.write_out(&mut writer, own) {
@@ -794,7 +794,15 @@ impl Core {
                     self.flusher_wake.notify_all();
                 }
             }
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.publish(writer.written),
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
+                // Confirmable once handed to the OS: at once if this call wrote, else as
+                // soon as the flusher writes what is pending (one write for many appends).
+                self.publish(self.flushed.load(Ordering::SeqCst));
+                if request && !writer.pending.is_empty() {
+                    writer.requested = writer.written;
+                    self.flusher_wake.notify_all();
+                }
+            }
         }
         Ok((appended, rolled))
     }
@@ -998,8 +1006,22 @@ impl Core {
         }
         if self.policy == FsyncPolicy::Always {
             self.publish(target);
+        } else {
+            self.publish(self.flushed.load(Ordering::SeqCst));
         }
         Ok(())
+    }
+
+    /// Under `Interval` and `Never`: writes what is pending when somebody waits for it
+    /// (or anything written meanwhile by a read or a tick) and publishes it.
+    fn write_requested(&self, writer: &mut Writer) {
+        let published = match &*self.durable_tx.borrow() {
+            Ok(durable) => *durable,
+            Err(_) => return,
+        };
+        if writer.requested > published && self.flush_pending(writer).is_ok() {
+            self.publish(self.flushed.load(Ordering::SeqCst));
+        }
     }
 
     /// One fsync, serialised with all others; refuses once any fsync has failed.
@@ -1073,6 +1095,7 @@ impl Core {
                 FsyncPolicy::Interval(period) => {
                     let deadline = Instant::now() + period;
                     while !writer.shutdown && writer.poisoned.is_none() {
+                        self.write_requested(&mut writer);
                         if self
                             .flusher_wake
                             .wait_until(&mut writer, deadline)
@@ -1088,7 +1111,10 @@ impl Core {
                         let _ = self.sync_locked(&mut writer);
                     }
                 }
-                FsyncPolicy::Never => self.flusher_wake.wait(&mut writer),
+                FsyncPolicy::Never => {
+                    self.write_requested(&mut writer);
+                    self.flusher_wake.wait(&mut writer);
+                }
             }
         }
     }
@@ -1101,9 +1127,10 @@ impl Core {
             .map(|(_, segment)| Arc::clone(segment))
     }
 
-    /// Deletes the longest prefix of unreferenced segments, never the active (last) one,
-    /// oldest first, each unlink made durable before the next so a crash never leaves a
-    /// newer segment deleted and an older one present.
+    /// Takes the longest prefix of unreferenced segments (never the active, last one) out
+    /// of the table and hands it to the reaper, which unlinks them oldest first, each
+    /// unlink made durable before the next, so a crash never leaves a newer segment
+    /// deleted and an older one present.
     fn collect_garbage(&self) {
         let _guard = self.gc_lock.lock();
         let mut dead = Vec::new();
