@@ -187,8 +187,8 @@ impl State {
                 ));
             }
         }
-        // Requested, not lazy: the previous checkpoint is released (and its segments may be
-        // deleted) right after, so this one must be on disk.
+        // The previous checkpoint is released right after; the store deletes its segment
+        // only once the log is durable past this one.
         match self.store.append(&encode_dedup_checkpoint(&windows), 1) {
             Ok(appended) => {
                 if let Some((previous, _)) = self.dedup_checkpoint.replace((appended.position, now))

@@ -36,7 +36,8 @@
 //! [`FsyncPolicy`]. Under `Always` it fsyncs whatever was written when it wakes; all
 //! appends that arrive during an fsync share the next one (group commit), and
 //! [`Store::durable`] publishes the offset up to which every byte is fsynced. Under
-//! `Interval`/`Never` the watch publishes the written offset at once. A failed write or
+//! `Interval`/`Never` it publishes the offset handed to the OS (at once, or as soon as the
+//! flusher wrote what an append left pending). A failed write or
 //! fsync poisons the store: the watch turns to `Err`, later appends fail, and no durable
 //! offset past the failure is ever published.
 //!

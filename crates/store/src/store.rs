@@ -1,10 +1,12 @@
 //! [`Store`]: the append path, the flusher thread (group commit), reads, live-reference
 //! counting with prefix deletion, and recovery at open.
 //!
-//! Appends that wait for an fsync are encoded into a pending buffer under the writer
-//! lock and written by the flusher right before it fsyncs, when the active segment's
-//! storage is reserved (`fallocate`), so that write cannot fail for a full disk. A read
-//! of a pending record writes the buffer out first.
+//! Appends other than lazy ones are encoded into a pending buffer under the writer lock,
+//! when the active segment's storage is reserved (`fallocate`) so that the later write
+//! cannot fail for a full disk; the flusher writes the buffer right before it fsyncs
+//! (`Always`) or as soon as an append waits for it (`Interval`, `Never`). A read of a
+//! pending record writes the buffer out first. Dead segments are deleted by the
+//! [`Reaper`] thread once the log is durable past the moment they died.
 //!
 //! # Lock order
 //! `gc_lock` → `segments`; `writer` → `segments`; `writer` → `sync_lock`. The flusher and
@@ -48,7 +50,8 @@ pub struct Appended {
 /// Counters for tests and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Segment files currently in the log.
+    /// Segments in the log (a dead segment's file may outlive its entry here until the
+    /// reaper deletes it).
     pub segments: usize,
     /// Sum of segment file lengths.
     pub bytes_on_disk: u64,
@@ -83,7 +86,7 @@ struct Core {
     policy: FsyncPolicy,
     /// Position assignment and the write syscall happen together under this lock.
     writer: Mutex<Writer>,
-    /// Wakes the flusher: an append under `Always`, poisoning, shutdown.
+    /// Wakes the flusher: an append that waits for durability, poisoning, shutdown.
     flusher_wake: Condvar,
     /// Serialises fsyncs so that after one fails no later one can publish progress.
     sync_lock: Mutex<()>,
@@ -245,7 +248,7 @@ impl Store {
         let written = active.base + active_len;
         let preallocated = preallocate(active.file.as_ref(), config.segment_size);
         let (durable_tx, _) = watch::channel(Ok(written));
-        let reaper = Reaper::start(Arc::clone(&fs), log_dir.clone())
+        let reaper = Reaper::start(Arc::clone(&fs), log_dir.clone(), durable_tx.subscribe())
             .map_err(StoreError::io("spawning the segment reaper thread"))?;
         let core = Arc::new(Core {
             fs,
@@ -298,11 +301,11 @@ impl Store {
 
     /// Appends one record holding `refs` live references (0 for bookkeeping records).
     /// [`Store::read`] sees it at once; durability is reported through
-    /// [`Store::durable`] / [`Store::wait_durable`]. Under `Always`, inside a segment whose
-    /// storage is reserved, the bytes are handed to the OS by the flusher just before its
-    /// fsync (many appends share one write), so a process crash before that loses the
-    /// record — as it was not confirmed yet. Otherwise they are written before this
-    /// returns.
+    /// [`Store::durable`] / [`Store::wait_durable`]. Inside a segment whose storage is
+    /// reserved, the bytes are handed to the OS by the flusher (under `Always` just
+    /// before its fsync, under the other policies at once; many appends share one
+    /// write), so a process crash before that loses the record — as it was not
+    /// confirmed yet. Otherwise they are written before this returns.
     ///
     /// # Errors
     /// [`StoreError::RecordTooLarge`] above 512 MiB; [`StoreError::Poisoned`] after an
@@ -394,8 +397,8 @@ impl Store {
         self.append_records(&[], Durability::Lazy).map(|_| ())
     }
 
-    /// Asks for everything up to `end` to become durable (under `Always`; the other
-    /// policies confirm on write). Waiters then watch [`Store::durable`].
+    /// Asks for everything up to `end` to become durable (fsynced under `Always`, handed
+    /// to the OS under the other policies). Waiters then watch [`Store::durable`].
     pub fn request_durable(&self, end: u64) {
         self.handle.core.request(end);
     }
@@ -671,12 +674,17 @@ impl Handle {
         if flusher.join().is_err() {
             tracing::error!("store flusher thread panicked");
         }
+        let synced = {
+            let mut writer = self.core.writer.lock();
+            if writer.poisoned.is_some() {
+                Err(StoreError::Poisoned)
+            } else {
+                self.core.sync_locked(&mut writer)
+            }
+        };
+        // After the final fsync, which queued deletions wait for.
         self.core.reaper.stop();
-        let mut writer = self.core.writer.lock();
-        if writer.poisoned.is_some() {
-            return Err(StoreError::Poisoned);
-        }
-        self.core.sync_locked(&mut writer)
+        synced
     }
 }
 
@@ -876,7 +884,8 @@ impl Core {
     }
 
     /// Seals the active segment (fsynced) and starts the next one, named by its base
-    /// offset = old base + old length, with its magic and directory entry fsynced.
+    /// offset = old base + old length. Its magic and directory entry are fsynced here,
+    /// or under `Always` by the flusher before it publishes anything in it.
     fn roll(&self, writer: &mut Writer) -> Result<(), StoreError> {
         debug_assert!(
             writer.pending.is_empty(),
@@ -886,9 +895,9 @@ impl Core {
         if let Err(error) = self.sync_file(old.file.as_ref()) {
             return Err(self.poison(writer, "fsyncing a segment before roll", error));
         }
-        // Two rolls before the flusher synced the directory (records larger than what
-        // one flusher pass covers): the older name must be durable before a newer one,
-        // or a power cut could leave a gap between segments.
+        // A second roll before the flusher synced the directory (lazy appends, which
+        // wake no flusher, or one batch spanning segments): the older name must be
+        // durable before a newer one, or a power cut could leave a gap between segments.
         if writer.unsynced_dir {
             if let Err(error) = self.fs.sync_dir(&self.log_dir) {
                 return Err(self.poison(writer, "syncing the log directory before roll", error));
@@ -975,8 +984,10 @@ impl Core {
         Ok(())
     }
 
-    /// Fsyncs the active segment up to what is written now, with `writer` released during
-    /// the fsync, then advances `synced` (and publishes it under `Always`).
+    /// Writes what is pending and fsyncs the active segment (and the log directory when a
+    /// roll left its entry unsynced), with `writer` released during the fsync, then
+    /// advances `synced` and publishes: the synced offset under `Always`, the offset
+    /// handed to the OS under the other policies.
     fn sync_locked(&self, writer: &mut MutexGuard<'_, Writer>) -> Result<(), StoreError> {
         self.flush_pending(writer)?;
         let target = writer.written;
@@ -991,7 +1002,11 @@ impl Core {
             Ok(())
         });
         if let Err(error) = result {
-            return Err(self.poison(writer, "fsyncing a segment", error));
+            return Err(self.poison(
+                writer,
+                "fsyncing a segment (or the log directory after a roll)",
+                error,
+            ));
         }
         // A roll meanwhile synced this directory entry itself and set the flag anew for
         // the segment after it.
@@ -1130,7 +1145,8 @@ impl Core {
     /// Takes the longest prefix of unreferenced segments (never the active, last one) out
     /// of the table and hands it to the reaper, which unlinks them oldest first, each
     /// unlink made durable before the next, so a crash never leaves a newer segment
-    /// deleted and an older one present.
+    /// deleted and an older one present, and only once the log is durable up to what is
+    /// written now.
     fn collect_garbage(&self) {
         let _guard = self.gc_lock.lock();
         let mut dead = Vec::new();
@@ -1146,10 +1162,16 @@ impl Core {
                 dead.push(entry.remove());
             }
         }
-        // Out of the table (reads now fail with NotFound); the files go on the reaper's
-        // thread, in this order.
+        if dead.is_empty() {
+            return;
+        }
+        // Out of the table (reads now fail with NotFound). The files go on the reaper's
+        // thread, in this order, once everything written by now is durable: that
+        // includes whatever settled their last messages.
+        let after = self.writer.lock().written;
+        self.request(after);
         for segment in dead {
-            self.reaper.delete(segment);
+            self.reaper.delete(segment, after);
         }
     }
 }

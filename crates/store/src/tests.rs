@@ -380,6 +380,12 @@ fn never_and_interval_confirm_on_write() {
     // Confirmed once written (the flusher writes pending appends), without an fsync.
     block_on(store.wait_durable(at.end)).expect("durable");
     assert_eq!(store.stats().fsyncs, 0);
+    let on_disk = std::fs::read(dir.path().join("log").join(&segment_files(dir.path())[0]))
+        .expect("read segment");
+    assert!(
+        on_disk.windows(5).any(|w| w == b"quick"),
+        "confirmed before it was handed to the OS"
+    );
     store.sync_all().expect("sync");
     assert_eq!(store.stats().fsyncs, 1);
     assert_eq!(store.stats().durable, at.end);
@@ -477,39 +483,100 @@ fn unsynced_segment_creation_is_lost_on_power_loss() {
 }
 
 /// Under `Always` a roll fsyncs only the old segment; the new segment's magic and name
-/// become durable with the flusher's next fsync. Records of the old segment are
-/// published at the roll, and the first record confirmed in the new segment survives a
-/// power cut (so its directory entry was synced before the confirm).
+/// become durable with the flusher's next fsync. Lazy appends wake no flusher, so the
+/// state between the two is observable: the durable offset stops at the new segment's
+/// base, and a power cut there loses the new segment (and nothing before it).
 #[test]
-fn roll_under_always_defers_the_new_segment_sync_to_the_flusher() {
+fn roll_under_always_leaves_the_new_segment_to_the_flusher() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    let first = store.append_lazy(&[1; 3000], 0).expect("append");
+    store.sync_all().expect("sync");
+    let second = store.append_lazy(&[2; 3000], 0).expect("append that rolls");
+    assert_eq!(
+        store.stats().segments,
+        2,
+        "the second record starts a segment"
+    );
+    let new_base = second.position.0 - MAGIC_LEN;
+    assert_eq!(*store.durable().borrow(), Ok(new_base));
+    let survivor = fs.power_loss();
+    drop(store);
+    let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
+    assert_eq!(visited, vec![(first.position, vec![1; 3000])]);
+}
+
+/// A record confirmed in a segment the flusher has not synced yet survives a power cut:
+/// the flusher fsyncs the directory with the new file before it confirms.
+#[test]
+fn first_confirm_in_a_new_segment_survives_power_loss() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
     let first = store.append(&[1; 3000], 0).expect("append");
     block_on(store.wait_durable(first.end)).expect("durable");
     let second = store.append(&[2; 3000], 0).expect("append that rolls");
-    assert_eq!(
-        store.stats().segments,
-        2,
-        "the second record starts a segment"
-    );
-    assert!(*store.durable().borrow().as_ref().expect("healthy") >= first.end);
-
-    // Cut before the flusher ran: the old segment is intact, the new one may vanish.
-    let early = fs.power_loss();
-    let (_store, visited) = open_sim(&early, cfg.clone()).expect("reopen");
-    assert_eq!(visited.first(), Some(&(first.position, vec![1; 3000])));
-
     block_on(store.wait_durable(second.end)).expect("durable");
-    let late = fs.power_loss();
+    let survivor = fs.power_loss();
     drop(store);
-    let (_store, visited) = open_sim(&late, cfg).expect("reopen");
+    let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
     assert_eq!(
         visited,
         vec![
             (first.position, vec![1; 3000]),
             (second.position, vec![2; 3000])
         ]
+    );
+}
+
+/// Two rolls before any flusher fsync: the second roll syncs the directory entry of the
+/// segment it seals, so a power cut leaves no gap (the sealed segments both survive).
+#[test]
+fn second_roll_before_a_flusher_sync_makes_the_first_new_segment_durable() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    let records: Vec<_> = (1..=3u8)
+        .map(|byte| store.append_lazy(&[byte; 3000], 0).expect("append"))
+        .collect();
+    assert_eq!(store.stats().segments, 3);
+    let survivor = fs.power_loss();
+    drop(store);
+    let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
+    assert_eq!(
+        visited,
+        vec![
+            (records[0].position, vec![1; 3000]),
+            (records[1].position, vec![2; 3000]),
+        ]
+    );
+}
+
+/// A dead segment is unlinked only once the log is durable up to what was written when it
+/// died (whatever settled its last message may not be on disk yet). With fsyncs failing,
+/// the log never gets there: the segment must stay.
+#[test]
+fn dead_segment_stays_until_the_log_is_durable_past_its_death() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
+    let (store, _) = open_sim(&fs, cfg).expect("open");
+    store.collect_garbage();
+    let original = store.append(&[1; 3000], 1).expect("append");
+    block_on(store.wait_durable(original.end)).expect("durable");
+    store.append_lazy(&[2; 3000], 0).expect("append that rolls");
+    store.sync_all().expect("sync");
+    fs.set_fail_sync(true);
+    // The "copy" that replaces the original, then the original's release.
+    store.append(&[3; 100], 1).expect("append");
+    store.release(original.position);
+    assert_eq!(store.stats().segments, 1, "the dead segment left the table");
+    store.wait_for_deletions();
+    let files = crate::file_layer::FileSystem::list_dir(&fs, Path::new("/sim/log")).expect("list");
+    assert_eq!(
+        files.len(),
+        2,
+        "the dead segment's file was deleted: {files:?}"
     );
 }
 
