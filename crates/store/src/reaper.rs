@@ -116,11 +116,15 @@ fn run(
             }
             Job::Delete { .. } if halted => {}
             Job::Delete { segment, after } => {
-                let caught_up = runtime.block_on(durable.wait_for(|state| match state {
-                    Ok(offset) => *offset >= after,
-                    Err(_) => true,
-                }));
-                if !matches!(caught_up.as_deref(), Ok(Ok(_))) {
+                // The watch's read guard is dropped at once: held across the deletion
+                // it would block the flusher's next publish for as long.
+                let caught_up = runtime
+                    .block_on(durable.wait_for(|state| match state {
+                        Ok(offset) => *offset >= after,
+                        Err(_) => true,
+                    }))
+                    .is_ok_and(|state| state.is_ok());
+                if !caught_up {
                     tracing::info!(
                         base = segment.base,
                         "store poisoned or closed: dead segments stay until the next open"
