@@ -97,7 +97,7 @@ mod tests {
         payload.extend_from_slice(&method_id.to_be_bytes());
         payload.extend_from_slice(args);
         match parse_class(payload.as_slice()) {
-            Ok((rest, method)) if rest.is_empty() => Some(method),
+            Ok((&[], method)) => Some(method),
             _ => None,
         }
     }
