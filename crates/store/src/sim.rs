@@ -23,6 +23,9 @@ struct Flags {
     fail_sync: AtomicBool,
     /// Bytes files may still grow by; `None` is unlimited.
     free_space: Mutex<Option<u64>>,
+    /// How long each `sync_data` takes, µs (a real disk's flush is slow while metadata
+    /// operations such as unlink return at once; races between the two need that).
+    sync_delay_micros: std::sync::atomic::AtomicU64,
 }
 
 impl Flags {
@@ -92,6 +95,18 @@ impl LogFile for SimFile {
         if self.flags.fail_sync.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(5));
         }
+        let delay = self.flags.sync_delay_micros.load(Ordering::SeqCst);
+        if delay > 0 {
+            // What was handed over before the flush started is what it makes durable.
+            let snapshot = self.contents.lock().current.clone();
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+            self.flags.check_alive()?;
+            let mut contents = self.contents.lock();
+            if contents.synced.len() <= snapshot.len() {
+                contents.synced = snapshot;
+            }
+            return Ok(());
+        }
         let mut contents = self.contents.lock();
         contents.synced = contents.current.clone();
         Ok(())
@@ -159,6 +174,12 @@ impl SimFileSystem {
     /// Makes every later `sync_data` fail with `EIO` (or succeed again).
     pub(crate) fn set_fail_sync(&self, fail: bool) {
         self.flags.fail_sync.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every later `sync_data` take `delay`.
+    pub(crate) fn set_sync_delay(&self, delay: std::time::Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.flags.sync_delay_micros.store(micros, Ordering::SeqCst);
     }
 
     /// Lets files grow by only `free` more bytes (`None`: unlimited again).
