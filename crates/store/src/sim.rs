@@ -21,6 +21,7 @@ use crate::file_layer::{FileSystem, LockGuard, LogFile};
 struct Flags {
     dead: AtomicBool,
     fail_sync: AtomicBool,
+    fail_dir_sync: AtomicBool,
     /// Bytes files may still grow by; `None` is unlimited.
     free_space: Mutex<Option<u64>>,
     /// How long each `sync_data` takes, µs (a real disk's flush is slow while metadata
@@ -176,6 +177,11 @@ impl SimFileSystem {
         self.flags.fail_sync.store(fail, Ordering::SeqCst);
     }
 
+    /// Makes every later `sync_dir` fail with `EIO` (or succeed again).
+    pub(crate) fn set_fail_dir_sync(&self, fail: bool) {
+        self.flags.fail_dir_sync.store(fail, Ordering::SeqCst);
+    }
+
     /// Makes every later `sync_data` take `delay`.
     pub(crate) fn set_sync_delay(&self, delay: std::time::Duration) {
         let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
@@ -273,6 +279,9 @@ impl FileSystem for SimFileSystem {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.flags.check_alive()?;
+        if self.flags.fail_dir_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         let mut namespace = self.namespace.lock();
         namespace.durable.retain(|path, _| parent_dir(path) != dir);
         let entries: Vec<_> = namespace

@@ -507,6 +507,26 @@ fn roll_under_always_leaves_the_new_segment_to_the_flusher() {
     assert_eq!(visited, vec![(first.position, vec![1; 3000])]);
 }
 
+/// The flusher's directory fsync after a roll fails: nothing in the new segment is ever
+/// confirmed (the store is poisoned instead), and a power cut keeps what was confirmed.
+#[test]
+fn failed_directory_sync_after_a_roll_confirms_nothing_in_the_new_segment() {
+    let fs = SimFileSystem::default();
+    let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
+    let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
+    let first = store.append(&[1; 3000], 0).expect("append");
+    block_on(store.wait_durable(first.end)).expect("durable");
+    fs.set_fail_dir_sync(true);
+    let second = store.append(&[2; 3000], 0).expect("append that rolls");
+    assert!(block_on(store.wait_durable(second.end)).is_err());
+    assert!(store.durable().borrow().is_err(), "the store is poisoned");
+    assert!(matches!(store.append(b"x", 0), Err(StoreError::Poisoned)));
+    let survivor = fs.power_loss();
+    drop(store);
+    let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
+    assert_eq!(visited, vec![(first.position, vec![1; 3000])]);
+}
+
 /// A record confirmed in a segment the flusher has not synced yet survives a power cut:
 /// the flusher fsyncs the directory with the new file before it confirms.
 #[test]
