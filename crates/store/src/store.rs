@@ -1118,6 +1118,7 @@ impl Core {
                         {
                             break;
                         }
+                        MutexGuard::unlocked(&mut writer, std::thread::yield_now);
                     }
                     if !writer.shutdown
                         && writer.poisoned.is_none()
@@ -1129,6 +1130,9 @@ impl Core {
                 FsyncPolicy::Never => {
                     self.write_requested(&mut writer);
                     self.flusher_wake.wait(&mut writer);
+                    // Woken by the first append that waits: let the appends running
+                    // alongside it join the batch (one write for ~35 instead of ~10).
+                    MutexGuard::unlocked(&mut writer, std::thread::yield_now);
                 }
             }
         }
