@@ -233,12 +233,27 @@ fn every_committed_order_is_charged_exactly_once_through_crashes_and_cuts() {
         .map(|(id, n)| (id.to_owned(), n.parse().expect("a count")))
         .collect()
     };
-    while charges_per_order().len() < committed {
-        assert!(
-            Instant::now() < deadline,
-            "payments did not catch up: {}",
-            payments.last_error_log()
-        );
+    loop {
+        let charged = charges_per_order();
+        if charged.len() >= committed {
+            break;
+        }
+        if Instant::now() >= deadline {
+            // Enough to tell a lost message from a stuck one next time this happens.
+            let missing: Vec<&String> = order_ids
+                .iter()
+                .filter(|id| !charged.contains_key(*id))
+                .take(5)
+                .collect();
+            panic!(
+                "payments did not catch up: {} of {committed} orders charged by the deadline; \
+                 missing e.g. {missing:?}; faults: {order_kills} order-service kill -9, \
+                 {payment_kills} payment-service kill -9, {broker_kills} broker kill -9; \
+                 payment-service errors: {}",
+                charged.len(),
+                payments.last_error_log()
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     // Anything still in flight would show as a duplicate now: give it a moment.
