@@ -62,7 +62,7 @@ impl VHost {
 /// A connection as the broker sees it.
 pub struct ConnectionState {
     /// The vhost it opened.
-    pub vhost: std::sync::Arc<str>,
+    pub vhost: Arc<str>,
     /// Where its events go.
     pub outbound: crate::OutboundSink,
     /// Open channel numbers.

@@ -699,13 +699,15 @@ impl Drop for Handle {
 impl Core {
     /// Raises the requested durability offset (bounded by what is written) and wakes the
     /// flusher.
-    fn request(&self, end: u64) {
+    /// Returns the offset asked for: `end`, bounded by what is written.
+    fn request(&self, end: u64) -> u64 {
         let mut writer = self.writer.lock();
         let end = end.min(writer.written);
         if end > writer.requested {
             writer.requested = end;
             self.flusher_wake.notify_all();
         }
+        end
     }
 
     fn append_batch(
@@ -1172,8 +1174,7 @@ impl Core {
         // Out of the table (reads now fail with NotFound). The files go on the reaper's
         // thread, in this order, once everything written by now is durable: that
         // includes whatever settled their last messages.
-        let after = self.writer.lock().written;
-        self.request(after);
+        let after = self.request(u64::MAX);
         for segment in dead {
             self.reaper.delete(segment, after);
         }

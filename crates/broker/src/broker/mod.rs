@@ -557,7 +557,7 @@ impl Broker {
         }
     }
 
-    fn vhost_of(state: &State, connection: ConnectionId) -> AmqpResult<std::sync::Arc<str>> {
+    fn vhost_of(state: &State, connection: ConnectionId) -> AmqpResult<Arc<str>> {
         state
             .connections
             .get(&connection)
