@@ -48,7 +48,8 @@ impl DedupWindow {
     }
 
     /// Whether `key` was seen within the window; records it if not.
-    pub fn check_and_insert(&mut self, key: &[u8], now: u64) -> bool {
+    #[cfg(test)]
+    fn check_and_insert(&mut self, key: &[u8], now: u64) -> bool {
         self.evict(now);
         if self.seen.contains_key(key) {
             return true;

@@ -44,6 +44,11 @@ pub struct Replay {
     pub dedup_keys: HashMap<QueueId, VecDeque<(Vec<u8>, u64)>>,
     /// Where the last deduplication checkpoint is; it stays pinned.
     pub dedup_checkpoint: Option<LogPosition>,
+    /// The highest queue (or window) id any record names. Ids are never reused, also
+    /// those of queues the definitions do not know (exclusive durable queues, which
+    /// die with their connection): a new queue with such an id would be handed the old
+    /// queue's messages at the next restart.
+    pub max_queue_id: u64,
 }
 
 /// Keys kept per queue while replaying; windows larger than this are rebuilt partially.
@@ -52,7 +57,11 @@ const REPLAY_KEYS_PER_QUEUE: usize = 1_000_000;
 impl Replay {
     /// Feeds one record.
     pub fn visit(&mut self, position: LogPosition, payload: &[u8]) {
-        match replay(payload) {
+        let record = replay(payload);
+        if let Some(record) = &record {
+            self.max_queue_id = self.max_queue_id.max(highest_queue_id(record));
+        }
+        match record {
             Some(Replayed::Publish(header)) => {
                 // A dead-letter move removes the original in the same record.
                 self.settle(&header.settles);
@@ -143,6 +152,28 @@ impl Replay {
                 (queue, live)
             })
             .collect()
+    }
+}
+
+/// The highest queue id a record names, 0 if none.
+fn highest_queue_id(record: &Replayed) -> u64 {
+    let of_pairs = |pairs: &[(QueueId, u64)]| pairs.iter().map(|(q, _)| q.0).max().unwrap_or(0);
+    match record {
+        Replayed::Publish(header) => header
+            .durable_queues
+            .iter()
+            .map(|q| q.0)
+            .chain(
+                header
+                    .dedup
+                    .iter()
+                    .flat_map(|(_, scopes)| scopes.iter().map(|q| q.0)),
+            )
+            .max()
+            .unwrap_or(0)
+            .max(of_pairs(&header.settles)),
+        Replayed::Ack(pairs) | Replayed::Requeue(pairs) => of_pairs(pairs),
+        Replayed::DedupCheckpoint(windows) => windows.iter().map(|(q, _)| q.0).max().unwrap_or(0),
     }
 }
 

@@ -187,6 +187,25 @@ impl State {
                 ));
             }
         }
+        for exchange in self
+            .vhosts
+            .values_mut()
+            .flat_map(|v| v.exchanges.values_mut())
+        {
+            if !exchange.durable {
+                continue;
+            }
+            if let (Some(window), Some(scope)) = (exchange.dedup.as_mut(), exchange.dedup_scope) {
+                window.dirty = false;
+                windows.push((
+                    scope,
+                    window
+                        .entries(now)
+                        .map(|(k, at)| (k.as_slice(), *at))
+                        .collect(),
+                ));
+            }
+        }
         // The previous checkpoint is released right after; the store deletes its segment
         // only once the log is durable past this one.
         match self.store.append(&encode_dedup_checkpoint(&windows), 1) {

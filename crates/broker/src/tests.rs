@@ -140,6 +140,61 @@ fn dispatch_respects_prefetch_and_requeues_in_order() {
     assert_eq!(unknown.code, ReplyCode::PreconditionFailed);
 }
 
+/// A deduplicating exchange's window is checkpointed once after a change, not every
+/// second forever: an idle broker appends nothing.
+#[test]
+fn a_clean_exchange_window_is_not_checkpointed_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = open(dir.path());
+    let (connection, _events) = connect(&broker);
+    let mut arguments = holdfast_codec::FieldTable::default();
+    arguments.insert(
+        "x-message-deduplication".into(),
+        holdfast_codec::AMQPValue::Boolean(true),
+    );
+    broker
+        .exchange_declare(
+            connection, "x", "fanout", false, true, false, false, arguments,
+        )
+        .expect("exchange");
+    declare_durable(&broker, connection, "q");
+    broker
+        .queue_binding(
+            connection,
+            true,
+            "q",
+            "x",
+            "",
+            holdfast_codec::FieldTable::default(),
+        )
+        .expect("bind");
+    broker
+        .basic_publish(
+            connection,
+            &PublishRequest {
+                exchange: "x".into(),
+                routing_key: String::new(),
+                persistent: true,
+                headers: None,
+                properties: Bytes::from_static(NO_PROPERTIES),
+                body: Bytes::from_static(b"m"),
+                expiration: None,
+                dedup_key: Some(Bytes::from_static(b"k")),
+            },
+        )
+        .expect("publish");
+    // The housekeeping thread checkpoints the dirty window within a second or so.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let before = broker.store().stats().appended_records;
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let after = broker.store().stats().appended_records;
+    assert_eq!(
+        after - before,
+        0,
+        "an idle broker with a clean window appended records"
+    );
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Publish { persistent: bool },

@@ -144,11 +144,16 @@ impl Broker {
                         },
                     });
                 }
-                ExchangeDedup::Recorded(scope) => scope,
+                ExchangeDedup::New(scope) => Some(scope),
                 ExchangeDedup::NotDeduplicating => None,
             },
             None => None,
         };
+        // Through a deduplicating exchange a publish is all or nothing: the key is
+        // remembered only once every target took the message, so that the producer's
+        // retry of a refused or unroutable publish is not taken for a duplicate.
+        let all_or_nothing = dedup_scope.is_some();
+        let dedup_scope = dedup_scope.flatten();
         let delayed = state.delay_for_publish(&vhost, &request.exchange, request.headers.as_ref());
         let targets = match delayed {
             Some((delay_queue, _)) => vec![delay_queue],
@@ -190,6 +195,13 @@ impl Broker {
             dedup_scope,
             published_at: now,
         };
+        if all_or_nothing && state.refused_by_any(&message, &targets) {
+            return Ok(PublishOutcome {
+                routed: true,
+                rejected: true,
+                durable_end: None,
+            });
+        }
         let mut settlements = Settlements::new(&self.store);
         let enqueued = match state.enqueue(&message, &targets, &[], &mut settlements) {
             Ok(enqueued) => enqueued,
@@ -197,11 +209,6 @@ impl Broker {
             // and count) and block publishers until space returns.
             Err(err) if err.is_out_of_space() => {
                 settlements.apply();
-                // Nothing was stored: the exchange must not remember the key either, or
-                // the producer's retry would be confirmed as a duplicate.
-                if let Some(key) = request.dedup_key.as_deref() {
-                    state.exchange_dedup_forget(&vhost, &request.exchange, key);
-                }
                 self.alarms.disk_write_refused();
                 self.alarms.count_refused_publish();
                 tracing::warn!(exchange = %request.exchange, routing_key = %request.routing_key, cause = %err, "publish refused for lack of disk space: nacked, or dropped without confirms");
@@ -219,6 +226,12 @@ impl Broker {
             }
         };
         settlements.apply();
+        if all_or_nothing
+            && !enqueued.rejected
+            && let Some(key) = request.dedup_key.as_deref()
+        {
+            state.exchange_dedup_record(&vhost, &request.exchange, key, now);
+        }
         Ok(PublishOutcome {
             routed: true,
             rejected: enqueued.rejected,

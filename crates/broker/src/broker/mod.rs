@@ -254,6 +254,7 @@ impl Broker {
                 serde_json::from_slice(&bytes).map_err(BrokerError::Definitions)?;
             definitions.restore(&mut state);
         }
+        state.next_queue_id = state.next_queue_id.max(replay.max_queue_id + 1);
         let mut recovered_messages = 0u64;
         for (scope, keys) in std::mem::take(&mut replay.dedup_keys) {
             // A scope is a queue id or the id of an exchange's window.

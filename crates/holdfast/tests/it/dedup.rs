@@ -328,3 +328,210 @@ async fn a_refused_publish_is_not_remembered() {
         Some(&b"b"[..])
     );
 }
+
+/// Publishes `id` to `exchange` with a confirm and returns whether it was acked.
+async fn publish_to_exchange(channel: &Channel, exchange: &str, id: &str) -> bool {
+    channel
+        .basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            id.as_bytes(),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirmation")
+        .is_ack()
+}
+
+async fn dedup_fanout(channel: &Channel, name: &str) {
+    channel
+        .exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            dedup_args(100),
+        )
+        .await
+        .expect("exchange");
+}
+
+async fn bind(channel: &Channel, queue: &str, exchange: &str) {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+}
+
+async fn declare_bounded(channel: &Channel, name: &str, max_length: i32) {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        ShortString::from("x-max-length"),
+        AMQPValue::LongInt(max_length),
+    );
+    arguments.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("declare");
+}
+
+#[tokio::test]
+async fn an_exchange_remembers_a_key_only_when_every_target_took_the_message() {
+    let server = crate::start();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm");
+
+    // One full reject-publish target: nacked, and the retry after draining gets in.
+    dedup_fanout(&channel, "x-full").await;
+    declare_bounded(&channel, "x-full-q", 1).await;
+    bind(&channel, "x-full-q", "x-full").await;
+    assert!(publish_to_exchange(&channel, "x-full", "filler").await);
+    assert!(
+        !publish_to_exchange(&channel, "x-full", "k").await,
+        "the full queue refuses it"
+    );
+    assert_eq!(
+        get_body(&channel, "x-full-q").await.as_deref(),
+        Some(&b"filler"[..])
+    );
+    assert!(publish_to_exchange(&channel, "x-full", "k").await);
+    assert_eq!(
+        get_body(&channel, "x-full-q").await.as_deref(),
+        Some(&b"k"[..]),
+        "the retry of a refused publish is stored, not taken for a duplicate"
+    );
+
+    // Unroutable first, bound later: the retry is routed.
+    dedup_fanout(&channel, "x-late").await;
+    assert!(publish_to_exchange(&channel, "x-late", "u").await);
+    declare(&channel, "x-late-q", true).await;
+    bind(&channel, "x-late-q", "x-late").await;
+    assert!(publish_to_exchange(&channel, "x-late", "u").await);
+    assert_eq!(
+        message_count(&channel, "x-late-q").await,
+        1,
+        "an unroutable publish leaves no key behind"
+    );
+
+    // Fan-out to two queues, one full: all or nothing.
+    dedup_fanout(&channel, "x-two").await;
+    declare(&channel, "x-two-open", true).await;
+    declare_bounded(&channel, "x-two-full", 1).await;
+    bind(&channel, "x-two-open", "x-two").await;
+    bind(&channel, "x-two-full", "x-two").await;
+    assert!(publish_to_exchange(&channel, "x-two", "first").await);
+    assert!(!publish_to_exchange(&channel, "x-two", "f").await);
+    assert_eq!(
+        message_count(&channel, "x-two-open").await,
+        1,
+        "a refused publish is stored nowhere, not in the queue that had room"
+    );
+    assert_eq!(
+        get_body(&channel, "x-two-full").await.as_deref(),
+        Some(&b"first"[..])
+    );
+    assert!(publish_to_exchange(&channel, "x-two", "f").await);
+    assert_eq!(message_count(&channel, "x-two-open").await, 2);
+    assert_eq!(message_count(&channel, "x-two-full").await, 1);
+    // And now it is a duplicate.
+    assert!(publish_to_exchange(&channel, "x-two", "f").await);
+    assert_eq!(message_count(&channel, "x-two-open").await, 2);
+}
+
+/// A key seen by an exchange long ago, whose message was consumed and whose segment was
+/// deleted, is still recognised after a crash: exchange windows are checkpointed with
+/// the queue windows, and a checkpoint does not erase the windows it does not name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_window_survives_checkpoints_kill_9_and_segment_deletion() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let data = temp.path().join("data");
+    let mut server = Server::start_in(binary(), &data, &["--segment-size", "65536"]);
+    {
+        let connection = server.connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm");
+        dedup_fanout(&channel, "orders-x").await;
+        declare(&channel, "orders-q", true).await;
+        bind(&channel, "orders-q", "orders-x").await;
+        declare(&channel, "filler", true).await;
+        assert!(publish_to_exchange(&channel, "orders-x", "consumed").await);
+        let consumed = channel
+            .basic_get("orders-q".into(), BasicGetOptions::default())
+            .await
+            .expect("get")
+            .expect("consumed");
+        consumed
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        // More than one checkpoint interval, then roll segments with filler that is
+        // purged, so the segment holding "consumed" has nothing live left and goes.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let body = vec![0u8; 8 * 1024];
+        for _ in 0..40 {
+            publish_confirmed(&channel, "", "filler", &body).await;
+        }
+        channel
+            .queue_purge("filler".into(), QueuePurgeOptions::default())
+            .await
+            .expect("purge");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(publish_to_exchange(&channel, "orders-x", "kept").await);
+        let first = data.join("log").join(format!("{:020}.log", 0));
+        assert!(
+            !first.exists(),
+            "the first segment should have been deleted"
+        );
+    }
+    server.kill9();
+    server.restart();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm");
+    assert!(publish_to_exchange(&channel, "orders-x", "kept").await);
+    assert!(publish_to_exchange(&channel, "orders-x", "consumed").await);
+    assert_eq!(
+        message_count(&channel, "orders-q").await,
+        1,
+        "both retries after the crash were recognised"
+    );
+    assert_eq!(
+        get_body(&channel, "orders-q").await.as_deref(),
+        Some(&b"kept"[..])
+    );
+}

@@ -458,3 +458,52 @@ async fn backlog_bodies_stay_on_disk_and_acked_segments_are_deleted() {
         "{left} segment files remain after every message was acked"
     );
 }
+
+/// An exclusive durable queue's persistent messages are logged under its id. After a
+/// crash that queue is gone, and a queue declared later must get a new id: otherwise
+/// the next restart hands the dead queue's messages to an unrelated queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_ids_are_never_reused_across_restarts() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start_in(binary(), &temp.path().join("data"), &[]);
+    {
+        let connection = server.connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm");
+        channel
+            .queue_declare(
+                "mine".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exclusive durable queue");
+        for i in 0..5 {
+            publish_confirmed(&channel, "", "mine", format!("old {i}").as_bytes()).await;
+        }
+    }
+    server.kill9();
+    server.restart();
+    {
+        let connection = server.connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        declare(&channel, "unrelated", true).await;
+        assert_eq!(message_count(&channel, "unrelated").await, 0);
+    }
+    server.kill9();
+    server.restart();
+    let connection = server.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    assert_eq!(
+        message_count(&channel, "unrelated").await,
+        0,
+        "the dead exclusive queue's messages appeared in a new queue"
+    );
+}
