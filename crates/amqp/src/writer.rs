@@ -170,7 +170,21 @@ pub async fn run_writer(
             break;
         }
     }
+    release_undelivered(&broker, &mut items);
     let _ = socket.shutdown().await;
+}
+
+/// Each queued delivery holds a reference on its record that reading it would have
+/// released. Once the writer stops (socket failed, shutdown) nothing will read them, so
+/// they are released here, or their segments would stay on disk until a restart. The
+/// receiver is closed first: later deliveries fail to send and the broker releases them.
+fn release_undelivered(broker: &Broker, items: &mut UnboundedReceiver<WriterItem>) {
+    items.close();
+    while let Ok(item) = items.try_recv() {
+        if let WriterItem::Outbound(Outbound::Deliver { message, .. }) = item {
+            broker.release(message);
+        }
+    }
 }
 
 /// Writes queued confirms, one `basic.ack`/`basic.nack` with `multiple` per run of one

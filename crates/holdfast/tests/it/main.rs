@@ -9,6 +9,7 @@ mod consumers;
 mod dead_letter;
 mod dedup;
 mod delayed;
+mod disconnects;
 mod durability;
 mod java_seeds;
 mod outbox_cli;

@@ -49,9 +49,35 @@ impl RawClient {
         }
     }
 
+    /// Opens the TCP connection with a receive buffer of about `bytes` (set before the
+    /// connect, so the window stays small): a client that reads slowly or not at all.
+    pub async fn tcp_with_small_window(addr: SocketAddr, bytes: u32) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("tcp connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient {
+            stream,
+            buffer: BytesMut::with_capacity(8192),
+            decoder: FrameDecoder::new(0),
+        }
+    }
+
+    /// Ends the connection with a TCP reset (SO_LINGER 0), as a crashed peer or a
+    /// middlebox would, leaving whatever the server still had to send unsent.
+    pub fn reset(self) {
+        self.stream.set_zero_linger().expect("SO_LINGER 0");
+        drop(self.stream);
+    }
+
     /// Protocol header, start-ok (PLAIN guest/guest), tune-ok (heartbeat 0), open "/".
     pub async fn open(addr: SocketAddr) -> RawClient {
-        let mut client = RawClient::tcp(addr).await;
+        RawClient::tcp(addr).await.handshake().await
+    }
+
+    /// [`RawClient::open`] on a connection already made.
+    pub async fn handshake(self) -> RawClient {
+        let mut client = self;
         client.send_header().await;
         client.login("guest", "guest").await;
         client.tune().await;
