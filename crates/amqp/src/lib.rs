@@ -382,6 +382,12 @@ async fn handle_connection(
     // A peer silent for two heartbeat intervals is gone.
     let read_timeout = heartbeat.map_or(Duration::from_secs(u64::MAX / 4), |h| h * 2);
     let close_deadline = Duration::from_secs(3);
+    // When the broker began waiting for close-ok: the wait is bounded in total, not per
+    // read, or a client that keeps publishing would hold the connection (and a
+    // shutdown) open for ever.
+    let mut closing_since: Option<tokio::time::Instant> = None;
+    // The peer ended the stream (or is gone): nothing is left to discard at the end.
+    let mut peer_gone = false;
     let mut alarms = broker.alarms().subscribe();
     let mut throttle = Throttle::new(tuned.blocked_notifications, *alarms.borrow_and_update());
     // A publish that arrived during a resource alarm: nothing more is read until it is
@@ -398,12 +404,8 @@ async fn handle_connection(
                         let exception = decode_exception(&err);
                         debug!(code = exception.code.code(), text = %exception.text, "undecodable input");
                         session.close_connection(&exception);
-                        // The stream's framing is lost; nothing more can be read from it.
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(200),
-                            std::future::pending::<()>(),
-                        )
-                        .await;
+                        // The stream's framing is lost; nothing more can be decoded from
+                        // it. What still arrives is discarded at the end.
                         break 'connection;
                     }
                 },
@@ -426,7 +428,8 @@ async fn handle_connection(
             }
         }
         let wait = if session.closing {
-            close_deadline
+            let since = *closing_since.get_or_insert_with(tokio::time::Instant::now);
+            close_deadline.saturating_sub(since.elapsed())
         } else {
             read_timeout
         };
@@ -435,11 +438,15 @@ async fn handle_connection(
             // not a missed heartbeat (RabbitMQ pauses its heartbeat monitor likewise).
             read = timeout(wait, reader.read_buf(&mut buffer)), if held.is_none() => {
                 match read {
-                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        peer_gone = true;
+                        break;
+                    }
                     Ok(Ok(_)) => {}
                     Err(_) => {
                         if !session.closing {
                             warn!("missed heartbeats from client, closing");
+                            peer_gone = true;
                         }
                         break;
                     }
@@ -466,8 +473,33 @@ async fn handle_connection(
     let _ = writer_tx.send(WriterItem::Shutdown);
     drop(writer_tx);
     drop(session);
+    // The writer sends what is queued (close-ok, a close reason, the last confirms) and
+    // then shuts the socket's write side.
     let _ = writer.await;
+    if !peer_gone {
+        discard_until_eof(&mut reader).await;
+    }
     info!("connection closed");
+}
+
+/// How long a closed connection keeps reading, to let the peer see the end of stream.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Reads and discards input until the peer ends the stream or [`CLOSE_LINGER`] passes.
+/// Closing a socket with unread input makes the kernel answer with a reset, and a reset
+/// can destroy what the broker wrote last (close-ok, a close reason, publisher confirms)
+/// in the peer's receive buffer before the client reads it; a client whose close
+/// overtook its own buffered publishes (amqplib) would see EPIPE instead of close-ok.
+async fn discard_until_eof(reader: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    let mut scratch = vec![0u8; 16 * 1024];
+    let _ = timeout(CLOSE_LINGER, async {
+        while let Ok(read) = reader.read(&mut scratch).await {
+            if read == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Queues a connection-level method (blocked / unblocked) for the writer.
@@ -500,4 +532,5 @@ async fn send_close_and_linger(hs: &mut Handshake, exception: &AmqpException) {
     })
     .await;
     let _ = hs.stream.shutdown().await;
+    discard_until_eof(&mut hs.stream).await;
 }

@@ -227,6 +227,27 @@ impl RawClient {
         }
     }
 
+    /// Writes bytes, reporting a failure (a reset connection) instead of panicking.
+    pub async fn try_send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Reads until the server's end of the stream: everything it sent after what was
+    /// decoded so far, or the error (a reset) that cut it short.
+    pub async fn read_to_eof(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut all = self.buffer.split().to_vec();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match timeout(REPLY_TIMEOUT, self.stream.read(&mut chunk))
+                .await
+                .expect("the server ends the stream in time")?
+            {
+                0 => return Ok(all),
+                n => all.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     /// Asserts the server closes the socket without sending anything more.
     pub async fn assert_closed(&mut self) {
         let rest = self.read_to_close().await;
