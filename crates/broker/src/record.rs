@@ -14,6 +14,7 @@
 //! requeue: 0x03 | u32 count | (queue id u64, message position u64) * count
 //! dedup checkpoint: 0x04 | u32 queues | per queue: queue id u64, u32 keys,
 //!          (seen at u64 ms, u16 len + key bytes) * keys
+//! definition: 0x05 | one change to the durable definitions, as JSON
 //! ```
 //!
 //! A message is written once, whatever the number of queues it reaches; every queue keeps
@@ -34,6 +35,7 @@ const PERSISTENT: u8 = 1;
 const HAS_EXPIRATION: u8 = 2;
 const HAS_DEDUP_KEY: u8 = 4;
 const DEDUP_CHECKPOINT: u8 = 4;
+const DEFINITION: u8 = 5;
 
 /// The deduplication windows of durable queues at one moment.
 pub type DedupCheckpoint = Vec<(QueueId, Vec<(Vec<u8>, u64)>)>;
@@ -110,6 +112,8 @@ pub enum Replayed {
     Requeue(Vec<(QueueId, u64)>),
     /// Every durable queue's deduplication window.
     DedupCheckpoint(DedupCheckpoint),
+    /// A change to the durable definitions (its JSON, parsed by `definitions`).
+    Definition(Vec<u8>),
 }
 
 /// Encodes a publish record.
@@ -219,6 +223,15 @@ pub fn encode_dedup_checkpoint(checkpoint: &[WindowSnapshot<'_>]) -> BytesMut {
             record.put_slice(key);
         }
     }
+    record
+}
+
+/// Encodes a definition record around a change's JSON.
+#[must_use]
+pub fn encode_definition(json: &[u8]) -> BytesMut {
+    let mut record = BytesMut::with_capacity(1 + json.len());
+    record.put_u8(DEFINITION);
+    record.put_slice(json);
     record
 }
 
@@ -339,6 +352,7 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
             }
             Some(Replayed::DedupCheckpoint(checkpoint))
         }
+        DEFINITION => Some(Replayed::Definition(bytes[1..].to_vec())),
         _ => None,
     }
 }

@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use holdfast_store::LogPosition;
 
 use crate::QueueId;
+use crate::definitions::DefinitionChange;
 use crate::queue::{MessageRef, QueueEntry};
 use crate::record::{Replayed, replay};
 
@@ -49,6 +50,8 @@ pub struct Replay {
     /// die with their connection): a new queue with such an id would be handed the old
     /// queue's messages at the next restart.
     pub max_queue_id: u64,
+    /// Changes to the durable definitions, in log order, with where each is.
+    pub definition_changes: Vec<(LogPosition, DefinitionChange)>,
 }
 
 /// Keys kept per queue while replaying; windows larger than this are rebuilt partially.
@@ -115,6 +118,10 @@ impl Replay {
                     }
                 }
             }
+            Some(Replayed::Definition(json)) => match DefinitionChange::from_json(&json) {
+                Ok(change) => self.definition_changes.push((position, change)),
+                Err(_) => self.unknown_records += 1,
+            },
             None => self.unknown_records += 1,
         }
     }
@@ -174,6 +181,8 @@ fn highest_queue_id(record: &Replayed) -> u64 {
             .max(of_pairs(&header.settles)),
         Replayed::Ack(pairs) | Replayed::Requeue(pairs) => of_pairs(pairs),
         Replayed::DedupCheckpoint(windows) => windows.iter().map(|(q, _)| q.0).max().unwrap_or(0),
+        // Declared ids are raised past by applying the change itself.
+        Replayed::Definition(_) => 0,
     }
 }
 

@@ -94,6 +94,16 @@ pub struct State {
     /// The last deduplication checkpoint record (pinned in the log) and when it was
     /// written.
     pub dedup_checkpoint: Option<(holdfast_store::LogPosition, u64)>,
+    /// Definition records not yet reflected by the definitions checkpoint, oldest first;
+    /// each is pinned in the log until a checkpoint covers it.
+    pub definition_records: Vec<holdfast_store::LogPosition>,
+    /// Where the last definition record ends: a reply to a definition method leaves
+    /// only once the log is durable up to here (also for a re-declare of something
+    /// whose record is still on its way to disk).
+    pub definitions_end: u64,
+    /// The fsync policy confirms on write (`never`, `interval`): a definition record is
+    /// then fsynced at once, since a declare-ok promises more than a message confirm.
+    pub sync_definitions: bool,
 }
 
 /// How often deduplication windows are checkpointed at most, ms.
@@ -113,6 +123,9 @@ impl State {
             consumer_timeout,
             segment_size,
             dedup_checkpoint: None,
+            definition_records: Vec::new(),
+            definitions_end: 0,
+            sync_definitions: false,
         }
     }
 
@@ -497,12 +510,18 @@ impl State {
 
     /// Deletes a queue: its bindings, its ready messages (settled), and its consumers
     /// (told with a server-side cancel). Deliveries still out are settled when they come
-    /// back. Returns the number of ready messages dropped.
-    pub fn delete_queue(&mut self, queue_id: QueueId, settlements: &mut Settlements<'_>) -> u32 {
+    /// back. Returns the number of ready messages dropped and the auto-delete exchanges
+    /// it left without bindings: deleting those is the caller's (a change of its own).
+    pub fn delete_queue(
+        &mut self,
+        queue_id: QueueId,
+        settlements: &mut Settlements<'_>,
+    ) -> QueueRemoval {
         let Some(mut queue) = self.queues.remove(&queue_id) else {
-            return 0;
+            return QueueRemoval::default();
         };
         let dropped = queue.message_count();
+        let mut emptied = Vec::new();
         while let Some(entry) = queue.pop() {
             settlements.settle(queue_id, &entry);
         }
@@ -530,7 +549,6 @@ impl State {
                 vhost.queues.remove(&queue.name);
             }
             let destination = Destination::Queue(queue_id);
-            let mut emptied = Vec::new();
             for exchange in vhost.exchanges.values_mut() {
                 if exchange.unbind_destination(&destination) > 0
                     && exchange.auto_delete
@@ -539,10 +557,40 @@ impl State {
                     emptied.push(exchange.name.clone());
                 }
             }
-            for name in emptied {
-                vhost.exchanges.remove(&name);
-            }
         }
-        dropped
+        QueueRemoval {
+            dropped,
+            vhost: queue.vhost,
+            emptied_exchanges: emptied,
+        }
     }
+
+    /// Deletes an exchange, every binding to it and its delay queue (with the messages
+    /// still waiting in it, as in the RabbitMQ plugin).
+    pub fn remove_exchange(&mut self, vhost: &str, name: &str, settlements: &mut Settlements<'_>) {
+        let Some(exchanges) = self.vhosts.get_mut(vhost).map(|v| &mut v.exchanges) else {
+            return;
+        };
+        let Some(exchange) = exchanges.remove(name) else {
+            return;
+        };
+        let destination = Destination::Exchange(name.to_owned());
+        for other in exchanges.values_mut() {
+            other.unbind_destination(&destination);
+        }
+        if let Some(queue) = exchange.delay_queue {
+            let _ = self.delete_queue(queue, settlements);
+        }
+    }
+}
+
+/// What deleting a queue did.
+#[derive(Debug, Default)]
+pub struct QueueRemoval {
+    /// Ready messages dropped.
+    pub dropped: u32,
+    /// Its vhost.
+    pub vhost: String,
+    /// Auto-delete exchanges left without bindings, still there.
+    pub emptied_exchanges: Vec<String>,
 }

@@ -280,3 +280,128 @@ proptest! {
         }
     }
 }
+
+fn publish_to(broker: &Broker, connection: ConnectionId, exchange: &str, key: &str, id: u32) {
+    broker
+        .basic_publish(
+            connection,
+            &PublishRequest {
+                exchange: exchange.to_owned(),
+                routing_key: key.to_owned(),
+                persistent: true,
+                headers: None,
+                properties: Bytes::from_static(NO_PROPERTIES),
+                body: Bytes::copy_from_slice(&id.to_be_bytes()),
+                expiration: None,
+                dedup_key: None,
+            },
+        )
+        .expect("publish");
+}
+
+fn count(broker: &Broker, queue: &str) -> Option<u32> {
+    broker.queue_counts("/", queue).map(|(ready, _)| ready)
+}
+
+/// Durable definitions come back from their log records alone, and again from the
+/// checkpoint that replaces those records once the log has moved past them.
+#[test]
+fn definitions_survive_restarts_from_records_and_from_their_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = holdfast_codec::FieldTable::default;
+    {
+        let broker = open(dir.path());
+        let (c, _events) = connect(&broker);
+        broker
+            .exchange_declare(c, "orders", "direct", false, true, false, false, table())
+            .expect("exchange");
+        broker
+            .exchange_declare(c, "fan", "fanout", false, true, false, false, table())
+            .expect("exchange");
+        // An auto-delete exchange that loses its last binding goes, durably.
+        broker
+            .exchange_declare(c, "brief", "fanout", false, true, true, false, table())
+            .expect("exchange");
+        for queue in ["kept", "deleted", "bound-then-unbound"] {
+            declare_durable(&broker, c, queue);
+        }
+        broker
+            .queue_binding(c, true, "kept", "orders", "k", table())
+            .expect("bind");
+        broker
+            .queue_binding(c, true, "bound-then-unbound", "orders", "b", table())
+            .expect("bind");
+        broker
+            .queue_binding(c, false, "bound-then-unbound", "orders", "b", table())
+            .expect("unbind");
+        broker
+            .exchange_binding(c, true, "orders", "fan", "", table())
+            .expect("exchange-to-exchange");
+        broker
+            .queue_binding(c, true, "deleted", "brief", "", table())
+            .expect("bind");
+        broker
+            .queue_delete(c, "deleted", false, false)
+            .expect("delete");
+        publish_to(&broker, c, "fan", "k", 1);
+        assert_eq!(count(&broker, "kept"), Some(1));
+    }
+    let check = |broker: &Broker, expected_in_kept: u32| {
+        let (c, _events) = connect(broker);
+        assert_eq!(count(broker, "kept"), Some(expected_in_kept));
+        assert_eq!(count(broker, "deleted"), None, "a deleted queue came back");
+        assert_eq!(count(broker, "bound-then-unbound"), Some(0));
+        let passive = |name: &str| {
+            broker
+                .exchange_declare(c, name, "fanout", true, true, false, false, table())
+                .is_ok()
+        };
+        assert!(
+            !passive("brief"),
+            "the emptied auto-delete exchange came back"
+        );
+        // Routing through both bindings still works; the removed binding stays removed.
+        publish_to(broker, c, "fan", "k", 2);
+        publish_to(broker, c, "orders", "b", 3);
+        assert_eq!(count(broker, "kept"), Some(expected_in_kept + 1));
+        assert_eq!(count(broker, "bound-then-unbound"), Some(0));
+    };
+    {
+        let broker = open(dir.path());
+        check(&broker, 1);
+    }
+    let definitions_file = dir.path().join("definitions");
+    {
+        let broker = open(dir.path());
+        // Move the log a segment past the definition records: the housekeeping thread
+        // then writes a checkpoint and releases them, and their segments go.
+        let (c, _events) = connect(&broker);
+        declare_durable(&broker, c, "filler");
+        for id in 0..2000 {
+            publish(&broker, c, "filler", id, true);
+        }
+        broker.queue_purge(c, "filler").expect("purge");
+        broker.queue_purge(c, "kept").expect("purge");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read(&definitions_file)
+            .is_ok_and(|bytes| String::from_utf8_lossy(&bytes).contains("\"as_of\""))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no definitions checkpoint was written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let first_segment = dir.path().join("log").join(format!("{:020}.log", 0));
+        while first_segment.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first segment outlived the checkpoint that replaced its records"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        check(&broker, 0);
+    }
+    let broker = open(dir.path());
+    check(&broker, 1);
+}

@@ -55,7 +55,7 @@ impl Session {
                     declare.internal,
                     declare.arguments,
                 )?;
-                self.reply_unless_nowait(
+                self.reply_after_definitions(
                     declare.nowait,
                     channel_id,
                     AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})),
@@ -68,7 +68,7 @@ impl Session {
                     delete.exchange.as_str(),
                     delete.if_unused,
                 )?;
-                self.reply_unless_nowait(
+                self.reply_after_definitions(
                     delete.nowait,
                     channel_id,
                     AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
@@ -84,7 +84,7 @@ impl Session {
                     bind.routing_key.as_str(),
                     bind.arguments,
                 )?;
-                self.reply_unless_nowait(
+                self.reply_after_definitions(
                     bind.nowait,
                     channel_id,
                     AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
@@ -100,7 +100,7 @@ impl Session {
                     unbind.routing_key.as_str(),
                     unbind.arguments,
                 )?;
-                self.reply_unless_nowait(
+                self.reply_after_definitions(
                     unbind.nowait,
                     channel_id,
                     AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
@@ -120,7 +120,7 @@ impl Session {
                     },
                 )?;
                 self.channel(channel_id)?.last_queue = Some(ok.name.clone());
-                self.reply_unless_nowait(
+                self.reply_after_definitions(
                     declare.nowait,
                     channel_id,
                     AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
@@ -140,7 +140,7 @@ impl Session {
                     bind.routing_key.as_str(),
                     bind.arguments,
                 )?;
-                self.reply_unless_nowait(
+                self.reply_after_definitions(
                     bind.nowait,
                     channel_id,
                     AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
@@ -156,7 +156,8 @@ impl Session {
                     unbind.routing_key.as_str(),
                     unbind.arguments,
                 )?;
-                self.send(
+                self.reply_after_definitions(
+                    false,
                     channel_id,
                     AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
                 );
@@ -181,7 +182,7 @@ impl Session {
                     delete.if_unused,
                     delete.if_empty,
                 )?;
-                self.reply_unless_nowait(
+                self.reply_after_definitions(
                     delete.nowait,
                     channel_id,
                     AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {

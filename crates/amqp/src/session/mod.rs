@@ -124,6 +124,21 @@ impl Session {
         }
     }
 
+    /// Sends the `-ok` of a method that changes definitions (unless `nowait`) once the
+    /// log is durable past the last definition record: a declare-ok is a promise like a
+    /// publisher confirm, also for a re-declare of something still on its way to disk.
+    fn reply_after_definitions(&self, nowait: bool, channel: u16, reply: AMQPClass) {
+        if nowait {
+            return;
+        }
+        let mut frames = BytesMut::with_capacity(64);
+        encode_method(&mut frames, channel, &reply);
+        let _ = self.writer.send(WriterItem::AfterDurable {
+            durable_end: self.broker.definitions_end(),
+            frames,
+        });
+    }
+
     /// Sends a reply that must not overtake the confirms already queued.
     fn send_after_confirms(&self, channel: u16, reply: AMQPClass) {
         let mut frames = BytesMut::with_capacity(32);

@@ -107,10 +107,8 @@ impl Broker {
         let tag: Arc<str> = consumer_tag.into();
         if let Some(queue) = state.remove_consumer(key, &tag) {
             let mut settlements = Settlements::new(&self.store);
-            let durable = state.queues.get(&queue).is_some_and(|q| q.durable);
-            state.delete_queue(queue, &mut settlements);
-            if durable {
-                let _ = self.persist_definitions(&state);
+            if let Err(err) = self.delete_queue_logged(&mut state, queue, &mut settlements) {
+                tracing::warn!(cause = %err.text, "auto-delete queue kept: its deletion could not be logged");
             }
             settlements.apply();
         }

@@ -7,9 +7,11 @@ use crate::ConnectionId;
 use crate::QueueId;
 use crate::arguments::{QueuePolicy, text};
 use crate::dedup::DedupWindow;
-use crate::definitions::is_builtin_exchange;
+use crate::definitions::{
+    BindingDefinition, DefinitionChange, ExchangeDefinition, is_builtin_exchange,
+};
 use crate::error::{AmqpException, AmqpResult, ReplyCode};
-use crate::exchange::{Binding, DELAYED_MESSAGE, Destination, Exchange, ExchangeKind};
+use crate::exchange::{DELAYED_MESSAGE, Destination, Exchange, ExchangeKind};
 use crate::state::Settlements;
 
 impl Broker {
@@ -102,20 +104,46 @@ impl Broker {
                 )
             })?
         };
+        let deduplication = QueuePolicy::parse(&arguments, name, &vhost_name)?.deduplication;
+        if durable {
+            // The exchange, its delay queue and its window in one record, logged before
+            // any of them exists.
+            let mut allocate = || {
+                let id = QueueId(state.next_queue_id.max(1));
+                state.next_queue_id = id.0 + 1;
+                id
+            };
+            let delay_queue = delayed.then(&mut allocate);
+            let dedup_scope = deduplication.map(|_| allocate());
+            let change = DefinitionChange::DeclareExchange {
+                vhost: vhost_name.to_string(),
+                exchange: ExchangeDefinition {
+                    name: name.to_owned(),
+                    kind,
+                    delay_queue,
+                    dedup_scope,
+                    auto_delete,
+                    internal,
+                    arguments,
+                },
+            };
+            let mut settlements = Settlements::new(&self.store);
+            self.change_definitions(&mut state, change, &mut settlements)?;
+            settlements.apply();
+            return Ok(());
+        }
         let mut exchange = Exchange::new(
             name.to_owned(),
             kind,
-            durable,
+            false,
             auto_delete,
             internal,
             arguments,
         );
         if delayed {
-            exchange.delay_queue = Some(state.create_delay_queue(&vhost_name, name, durable));
+            exchange.delay_queue = Some(state.create_delay_queue(&vhost_name, name, false));
         }
-        if let Some((size, ttl)) =
-            QueuePolicy::parse(&exchange.arguments, name, &vhost_name)?.deduplication
-        {
+        if let Some((size, ttl)) = deduplication {
             exchange.dedup = Some(DedupWindow::new(size, ttl));
             let scope = QueueId(state.next_queue_id.max(1));
             state.next_queue_id = scope.0 + 1;
@@ -123,9 +151,6 @@ impl Broker {
         }
         if let Some(vhost) = state.vhosts.get_mut(&*vhost_name) {
             vhost.exchanges.insert(name.to_owned(), exchange);
-        }
-        if durable {
-            self.persist_definitions(&state)?;
         }
         Ok(())
     }
@@ -167,23 +192,21 @@ impl Broker {
             ));
         }
         let durable = exchange.durable;
-        let delay_queue = exchange.delay_queue;
-        vhost.exchanges.remove(name);
-        let destination = Destination::Exchange(name.to_owned());
-        for other in vhost.exchanges.values_mut() {
-            other.unbind_destination(&destination);
-        }
-        if let Some(queue) = delay_queue {
-            // Messages still waiting for their delay go with the exchange, as in the
-            // RabbitMQ plugin.
-            let mut settlements = Settlements::new(&self.store);
-            state.delete_queue(queue, &mut settlements);
-            settlements.apply();
-        }
-        if durable {
-            self.persist_definitions(&state)?;
-        }
-        Ok(())
+        // Bindings to it and its delay queue (messages still waiting for their delay,
+        // as in the RabbitMQ plugin) go with it.
+        let change = DefinitionChange::DeleteExchange {
+            vhost: vhost_name.to_string(),
+            name: name.to_owned(),
+        };
+        let mut settlements = Settlements::new(&self.store);
+        let deleted = if durable {
+            self.change_definitions(&mut state, change, &mut settlements)
+        } else {
+            change.apply(&mut state, &mut settlements);
+            Ok(())
+        };
+        settlements.apply();
+        deleted
     }
 
     /// `exchange.bind` / `exchange.unbind` (`bind = false`).
@@ -213,29 +236,29 @@ impl Broker {
             None if bind => return Err(not_found_exchange(destination, &vhost_name)),
             None => false,
         };
-        let binding = Binding {
+        let binding = BindingDefinition {
+            source: source.to_owned(),
             destination: Destination::Exchange(destination.to_owned()),
             routing_key: routing_key.to_owned(),
             arguments,
         };
-        let Some(exchange) = vhost.exchanges.get_mut(source) else {
+        let Some(exchange) = vhost.exchanges.get(source) else {
             return if bind {
                 Err(not_found_exchange(source, &vhost_name))
             } else {
                 Ok(())
             };
         };
-        let changed = if bind {
-            exchange.bind(binding)
-        } else {
-            exchange.unbind(&binding)
-        };
         let durable = exchange.durable && destination_durable;
-        if !bind && exchange.auto_delete && exchange.bindings().is_empty() {
-            vhost.exchanges.remove(source);
-        }
-        if changed && durable {
-            self.persist_definitions(&state)?;
+        if self.change_binding(&mut state, &vhost_name, bind, binding, durable)? {
+            let mut settlements = Settlements::new(&self.store);
+            self.delete_emptied_exchanges(
+                &mut state,
+                &vhost_name,
+                vec![source.to_owned()],
+                &mut settlements,
+            );
+            settlements.apply();
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! itself, recovery at open, and connection/channel lifecycle.
 
 mod basic;
+mod durable;
 mod exchanges;
 mod queues;
 
@@ -246,14 +247,22 @@ impl Broker {
         let consumer_timeout =
             u64::try_from(config.consumer_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut state = State::new(store.clone(), consumer_timeout, config.store.segment_size);
+        state.sync_definitions = config.store.fsync != holdfast_store::FsyncPolicy::Always;
         state
             .vhosts
             .insert(DEFAULT_VHOST.to_owned(), VHost::with_builtin_exchanges());
-        if let Some(bytes) = store.read_definitions()? {
-            let definitions: Definitions =
-                serde_json::from_slice(&bytes).map_err(BrokerError::Definitions)?;
-            definitions.restore(&mut state);
+        let checkpoint: Option<Definitions> = match store.read_definitions()? {
+            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(BrokerError::Definitions)?),
+            None => None,
+        };
+        {
+            let mut settlements = Settlements::new(&store);
+            let changes = std::mem::take(&mut replay.definition_changes);
+            Broker::restore_definitions(&mut state, checkpoint, changes, &mut settlements);
+            settlements.apply();
         }
+        // Everything recovered counts as logged before any reply from now on.
+        state.definitions_end = store.stats().written;
         state.next_queue_id = state.next_queue_id.max(replay.max_queue_id + 1);
         let mut recovered_messages = 0u64;
         for (scope, keys) in std::mem::take(&mut replay.dedup_keys) {
@@ -324,7 +333,6 @@ impl Broker {
         let mut state = self.state.lock();
         let mut settlements = Settlements::new(&self.store);
         let queue_ids: Vec<QueueId> = state.queues.keys().copied().collect();
-        let mut definitions_changed = false;
         for id in queue_ids {
             state.expire_head(id, now, &mut settlements);
             let Some(queue) = state.queues.get(&id) else {
@@ -333,14 +341,16 @@ impl Broker {
             let unused_for = now.saturating_sub(queue.last_used);
             if queue.consumers.is_empty() && queue.policy.expires.is_some_and(|ms| unused_for >= ms)
             {
-                definitions_changed |= queue.durable && queue.exclusive_owner.is_none();
-                info!(queue = %queue.name, vhost = %queue.vhost, "queue expired (x-expires)");
-                state.delete_queue(id, &mut settlements);
+                let (name, vhost) = (queue.name.clone(), queue.vhost.clone());
+                match self.delete_queue_logged(&mut state, id, &mut settlements) {
+                    Ok(_) => info!(queue = %name, %vhost, "queue expired (x-expires)"),
+                    Err(err) => {
+                        warn!(queue = %name, %vhost, cause = %err.text, "expired queue kept: its deletion could not be logged; retried");
+                    }
+                }
             }
         }
-        if definitions_changed {
-            let _ = self.persist_definitions(&state);
-        }
+        self.checkpoint_definitions(&mut state);
         // Acks wait in the store for the next write; on an idle log, this is it.
         if let Err(err) = self.store.flush_deferred() {
             tracing::warn!(cause = %err, "deferred ack records could not be written");
@@ -415,16 +425,6 @@ impl Broker {
         self.store.release(message.position);
     }
 
-    fn persist_definitions(&self, state: &State) -> AmqpResult<()> {
-        let definitions = Definitions::snapshot(state);
-        let bytes = serde_json::to_vec(&definitions).map_err(|err| {
-            AmqpException::connection(ReplyCode::InternalError, format!("definitions: {err}"))
-        })?;
-        self.store.write_definitions(&bytes).map_err(|err| {
-            AmqpException::connection(ReplyCode::InternalError, format!("definitions: {err}"))
-        })
-    }
-
     /// Registers a connection that opened `vhost`.
     ///
     /// # Errors
@@ -478,7 +478,8 @@ impl Broker {
             .map(|c| c.exclusive_queues.iter().copied().collect())
             .unwrap_or_default();
         for queue in exclusive {
-            state.delete_queue(queue, &mut settlements);
+            // Exclusive queues are never logged: they die with their connection.
+            let _ = self.delete_queue_logged(&mut state, queue, &mut settlements);
             touched.remove(&queue);
         }
         state.connections.remove(&connection);
@@ -533,14 +534,11 @@ impl Broker {
             connection.channels.remove(&key.channel);
         }
         let mut touched = state.finish_deliveries(key, unacked, Disposition::Requeue, settlements);
-        let mut definitions_changed = false;
         for queue in auto_deleted {
-            definitions_changed |= state.queues.get(&queue).is_some_and(|q| q.durable);
-            state.delete_queue(queue, settlements);
+            if let Err(err) = self.delete_queue_logged(state, queue, settlements) {
+                warn!(cause = %err.text, "auto-delete queue kept: its deletion could not be logged");
+            }
             touched.remove(&queue);
-        }
-        if definitions_changed {
-            let _ = self.persist_definitions(state);
         }
         touched
     }

@@ -7,9 +7,10 @@ use super::{
     not_found_exchange, not_found_queue, random_suffix, x_arguments,
 };
 use crate::arguments::QueuePolicy;
+use crate::definitions::{BindingDefinition, DefinitionChange, QueueDefinition};
 use crate::enqueue::now_ms;
 use crate::error::{AmqpException, AmqpResult, ReplyCode};
-use crate::exchange::{Binding, Destination};
+use crate::exchange::Destination;
 use crate::queue::Queue;
 use crate::state::Settlements;
 use crate::{ConnectionId, QueueId};
@@ -104,6 +105,27 @@ impl Broker {
         let policy = QueuePolicy::parse(&request.arguments, &name, &vhost_name)?;
         let id = QueueId(state.next_queue_id.max(1));
         state.next_queue_id = id.0 + 1;
+        if request.durable && !request.exclusive {
+            // Logged before it exists: a declare the log refused leaves nothing behind,
+            // and the next declare of the name writes it again.
+            let change = DefinitionChange::DeclareQueue {
+                vhost: vhost_name.to_string(),
+                queue: QueueDefinition {
+                    id,
+                    name: name.clone(),
+                    auto_delete: request.auto_delete,
+                    arguments: request.arguments,
+                },
+            };
+            let mut settlements = Settlements::new(&self.store);
+            self.change_definitions(&mut state, change, &mut settlements)?;
+            settlements.apply();
+            return Ok(QueueDeclareOk {
+                name,
+                message_count: 0,
+                consumer_count: 0,
+            });
+        }
         state.queues.insert(
             id,
             Queue::new(
@@ -125,9 +147,6 @@ impl Broker {
             && let Some(owner) = state.connections.get_mut(&connection)
         {
             owner.exclusive_queues.insert(id);
-        }
-        if request.durable && !request.exclusive {
-            self.persist_definitions(&state)?;
         }
         Ok(QueueDeclareOk {
             name,
@@ -168,22 +187,23 @@ impl Broker {
             .exchanges
             .get_mut(exchange)
             .ok_or_else(|| not_found_exchange(exchange, &vhost_name))?;
-        let binding = Binding {
+        let binding = BindingDefinition {
+            source: exchange.to_owned(),
             destination: Destination::Queue(queue_id),
             routing_key: routing_key.to_owned(),
             arguments,
         };
-        let changed = if bind {
-            source.bind(binding)
-        } else {
-            source.unbind(&binding)
-        };
         let durable = source.durable && queue_durable;
-        if !bind && source.auto_delete && source.bindings().is_empty() {
-            vhost.exchanges.remove(exchange);
-        }
-        if changed && durable {
-            self.persist_definitions(&state)?;
+        let emptied = self.change_binding(&mut state, &vhost_name, bind, binding, durable)?;
+        if emptied {
+            let mut settlements = Settlements::new(&self.store);
+            self.delete_emptied_exchanges(
+                &mut state,
+                &vhost_name,
+                vec![exchange.to_owned()],
+                &mut settlements,
+            );
+            settlements.apply();
         }
         Ok(())
     }
@@ -248,14 +268,11 @@ impl Broker {
                 format!("queue '{queue}' in vhost '{vhost_name}' is not empty"),
             ));
         }
-        let durable = target.durable && target.exclusive_owner.is_none();
         let mut settlements = Settlements::new(&self.store);
-        let dropped = state.delete_queue(queue_id, &mut settlements);
-        if durable {
-            self.persist_definitions(&state)?;
-        }
+        // A deletion the log refused fails whole: the queue and its messages stay.
+        let dropped = self.delete_queue_logged(&mut state, queue_id, &mut settlements);
         settlements.apply();
-        Ok(dropped)
+        dropped
     }
 
     /// Ready and consumer counts of a queue, if it exists.

@@ -21,13 +21,13 @@ use crate::support::*;
 use holdfast_testkit::Server;
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted on drop, also on panic.
-struct TmpfsMount {
-    path: PathBuf,
+pub struct TmpfsMount {
+    pub path: PathBuf,
     _parent: tempfile::TempDir,
 }
 
 impl TmpfsMount {
-    fn new(size: &str) -> TmpfsMount {
+    pub fn new(size: &str) -> TmpfsMount {
         let parent = tempfile::tempdir().expect("tempdir");
         let path = parent.path().join("small-disk");
         std::fs::create_dir(&path).expect("mount point");

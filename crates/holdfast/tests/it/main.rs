@@ -8,6 +8,7 @@ mod confirms_tx;
 mod consumers;
 mod dead_letter;
 mod dedup;
+mod definitions;
 mod delayed;
 mod disconnects;
 mod durability;
