@@ -194,6 +194,21 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    /// The log holds records this version cannot interpret (written by a newer one, or
+    /// damaged in a way the CRC did not catch). Skipping them could silently drop acks,
+    /// moves or definitions, so the broker does not open.
+    #[error(
+        "log record of kind {kind:#04x} at position {position} cannot be interpreted by this \
+         version ({count} such records); refusing to open rather than skip them"
+    )]
+    UnknownRecord {
+        /// The record's kind byte.
+        kind: u8,
+        /// Where the first one is.
+        position: u64,
+        /// How many there are.
+        count: u64,
+    },
     /// Stored definitions could not be read.
     #[error("definitions are unreadable: {0}")]
     Definitions(#[source] serde_json::Error),

@@ -38,8 +38,11 @@ pub struct RecoveredEntry {
 #[derive(Debug, Default)]
 pub struct Replay {
     queues: HashMap<QueueId, Vec<Recovered>>,
-    /// Records this version could not interpret (counted, logged by the caller).
+    /// Records this version could not interpret: how many, and the first one's kind
+    /// byte and position. The broker refuses to open such a log.
     pub unknown_records: u64,
+    /// The first record this version could not interpret.
+    pub first_unknown: Option<(u8, LogPosition)>,
     /// Deduplication keys per queue, oldest first: the last checkpoint's, then those of
     /// later publish records.
     pub dedup_keys: HashMap<QueueId, VecDeque<(Vec<u8>, u64)>>,
@@ -120,9 +123,16 @@ impl Replay {
             }
             Some(Replayed::Definition(json)) => match DefinitionChange::from_json(&json) {
                 Ok(change) => self.definition_changes.push((position, change)),
-                Err(_) => self.unknown_records += 1,
+                Err(_) => self.unknown(position, payload),
             },
-            None => self.unknown_records += 1,
+            None => self.unknown(position, payload),
+        }
+    }
+
+    fn unknown(&mut self, position: LogPosition, payload: &[u8]) {
+        self.unknown_records += 1;
+        if self.first_unknown.is_none() {
+            self.first_unknown = Some((payload.first().copied().unwrap_or(0), position));
         }
     }
 

@@ -405,3 +405,28 @@ fn definitions_survive_restarts_from_records_and_from_their_checkpoint() {
     let broker = open(dir.path());
     check(&broker, 1);
 }
+
+/// A log holding a record kind this version does not know (written by a newer one) is
+/// refused at open, naming the kind: skipping it could drop acks or moves silently.
+#[test]
+fn a_record_of_an_unknown_kind_refuses_the_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig {
+        dir: dir.path().to_owned(),
+        segment_size: 64 * 1024,
+        fsync: FsyncPolicy::Never,
+    };
+    {
+        let store = holdfast_store::Store::open(config.clone(), |_, _| {}).expect("store");
+        store.append(&[0x7f, 1, 2, 3], 0).expect("append");
+        store.shutdown().expect("shutdown");
+    }
+    let refused = match Broker::open(BrokerConfig::new(config)) {
+        Ok(_) => panic!("a log with an unknown record kind was opened"),
+        Err(err) => err.to_string(),
+    };
+    assert!(
+        refused.contains("0x7f") && refused.contains("position 8"),
+        "the error names the kind and where: {refused}"
+    );
+}

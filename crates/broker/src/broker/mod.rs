@@ -238,11 +238,12 @@ impl Broker {
         let store = Store::open(config.store.clone(), |position, payload| {
             replay.visit(position, payload)
         })?;
-        if replay.unknown_records > 0 {
-            warn!(
-                records = replay.unknown_records,
-                "log records of an unknown kind skipped"
-            );
+        if let Some((kind, position)) = replay.first_unknown {
+            return Err(BrokerError::UnknownRecord {
+                kind,
+                position: position.0,
+                count: replay.unknown_records,
+            });
         }
         let consumer_timeout =
             u64::try_from(config.consumer_timeout.as_millis()).unwrap_or(u64::MAX);
