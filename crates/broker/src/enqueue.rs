@@ -6,13 +6,13 @@
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use holdfast_codec::{FieldTable, decode_properties, encode_properties};
+use holdfast_codec::{FieldTable, decode_properties};
 use holdfast_store::StoreError;
 use tracing::{debug, warn};
 
 use crate::QueueId;
 use crate::arguments::Overflow;
-use crate::dead_letter::{Death, DeathReason, is_cycle, record_death, routing_keys};
+use crate::dead_letter::DeathReason;
 use crate::exchange::Destination;
 use crate::queue::{MessageRef, QueueEntry};
 use crate::record::{NewPublish, decode_message, encode_publish};
@@ -61,17 +61,6 @@ pub struct Message<'a> {
     pub dedup_scope: Option<QueueId>,
     /// When the broker took it, ms since the UNIX epoch.
     pub published_at: u64,
-}
-
-/// What became of a dead-lettered copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CopyOutcome {
-    /// Written, with the removal of the original.
-    Written,
-    /// Nowhere to go (no dead-letter exchange, routed nowhere, cycle): dropped, counted.
-    Dropped,
-    /// The log refused the write: the original must stay.
-    WriteFailed,
 }
 
 /// What an exchange's deduplication window said about a publish.
@@ -303,7 +292,9 @@ impl State {
             outcome.durable_end = Some(outcome.durable_end.unwrap_or(0).max(written));
         }
         for id in refused_to_dead_letter {
-            self.dead_letter_copy(id, DeathReason::Maxlen, message, &[], settlements);
+            // The publisher hears of the refusal (nack); the copy is dead-lettered if a
+            // target takes it now, and otherwise not kept.
+            let _ = self.dead_letter_copy(id, DeathReason::Maxlen, message, &[], settlements);
         }
         Ok(outcome)
     }
@@ -562,171 +553,6 @@ impl State {
                 if let Some(queue) = self.queues.get_mut(&queue_id) {
                     queue.push(entry);
                 }
-            }
-        }
-    }
-
-    /// Moves an entry that left `queue_id` to the queue's dead-letter exchange, or drops
-    /// it if the queue has none. The move is one log record (new copy + removal of the
-    /// original), so a crash leaves the message in exactly one place.
-    ///
-    /// Returns false when the copy could not be written (no disk space): the entry is
-    /// then back in its queue, and loops that dead-letter must stop for now.
-    pub fn dead_letter(
-        &mut self,
-        queue_id: QueueId,
-        entry: QueueEntry,
-        reason: DeathReason,
-        settlements: &mut Settlements<'_>,
-    ) -> bool {
-        let Some(queue) = self.queues.get_mut(&queue_id) else {
-            settlements.release(entry.message.position);
-            return true;
-        };
-        queue.stats.count_death(reason);
-        if queue.policy.dead_letter_exchange.is_none() {
-            if reason == DeathReason::DeliveryLimit {
-                warn!(queue = %queue.name, vhost = %queue.vhost, "message dropped after exceeding its delivery limit (no dead-letter exchange)");
-            } else {
-                debug!(queue = %queue.name, reason = reason.as_str(), "message dropped (no dead-letter exchange)");
-            }
-            settlements.settle(queue_id, &entry);
-            return true;
-        }
-        let record = match self.store.read(entry.message.position, entry.message.len) {
-            Ok(record) => record,
-            Err(err) => {
-                warn!(cause = %err, "dead-lettering: original unreadable; dropped");
-                settlements.settle(queue_id, &entry);
-                return true;
-            }
-        };
-        let Some(stored) = decode_message(&record) else {
-            settlements.settle(queue_id, &entry);
-            return true;
-        };
-        let Ok(properties) = decode_properties(&stored.properties) else {
-            settlements.settle(queue_id, &entry);
-            return true;
-        };
-        let exchange = String::from_utf8_lossy(&stored.exchange).into_owned();
-        let routing_key = String::from_utf8_lossy(&stored.routing_key).into_owned();
-        let original = Message {
-            exchange: &exchange,
-            routing_key: &routing_key,
-            persistent: properties.delivery_mode() == &Some(2),
-            headers: properties.headers().as_ref(),
-            properties: &stored.properties,
-            body: &stored.body,
-            expiration: None,
-            dedup_key: None,
-            dedup_scope: None,
-            published_at: 0,
-        };
-        let settles: Vec<(QueueId, u64)> = if entry.recoverable {
-            vec![(queue_id, entry.message.position.0)]
-        } else {
-            Vec::new()
-        };
-        match self.dead_letter_copy(queue_id, reason, &original, &settles, settlements) {
-            // The new record carries the removal; only our reference remains to drop.
-            CopyOutcome::Written => settlements.release(entry.message.position),
-            CopyOutcome::Dropped => settlements.settle(queue_id, &entry),
-            // Nothing may vanish because the disk is full: the message goes back to its
-            // place and is dead-lettered later (or delivered, if it was not expired).
-            CopyOutcome::WriteFailed => {
-                if let Some(queue) = self.queues.get_mut(&queue_id) {
-                    queue.push(entry);
-                }
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Publishes the dead-lettered copy of `original` (which died in `queue_id`) to the
-    /// queue's dead-letter exchange. Returns whether a record was written (which then
-    /// includes `settles`).
-    fn dead_letter_copy(
-        &mut self,
-        queue_id: QueueId,
-        reason: DeathReason,
-        original: &Message<'_>,
-        settles: &[(QueueId, u64)],
-        settlements: &mut Settlements<'_>,
-    ) -> CopyOutcome {
-        let Some(queue) = self.queues.get(&queue_id) else {
-            return CopyOutcome::Dropped;
-        };
-        let Some(exchange) = queue.policy.dead_letter_exchange.clone() else {
-            return CopyOutcome::Dropped;
-        };
-        let queue_name = queue.name.clone();
-        let vhost = queue.vhost.clone();
-        let dead_letter_key = queue.policy.dead_letter_routing_key.clone();
-        let Ok(properties) = decode_properties(original.properties) else {
-            return CopyOutcome::Dropped;
-        };
-        let keys = routing_keys(original.routing_key, original.headers);
-        let copy = record_death(
-            &properties,
-            &Death {
-                queue: &queue_name,
-                reason,
-                exchange: original.exchange,
-                routing_keys: keys.clone(),
-                time: now_ms() / 1000,
-            },
-        );
-        let headers = copy.headers().clone();
-        let raw = encode_properties(&copy);
-        let route_keys = match &dead_letter_key {
-            Some(key) => vec![key.clone()],
-            None => keys,
-        };
-        let mut targets: Vec<QueueId> = Vec::new();
-        for key in &route_keys {
-            match self.route(&vhost, &exchange, key, headers.as_ref()) {
-                Ok(found) => targets.extend(found),
-                Err(_) => {
-                    warn!(queue = %queue_name, dead_letter_exchange = %exchange, "dead-letter exchange missing; message dropped");
-                    return CopyOutcome::Dropped;
-                }
-            }
-        }
-        targets.sort_unstable();
-        targets.dedup();
-        if reason != DeathReason::Rejected {
-            targets.retain(|target| {
-                let name = self
-                    .queues
-                    .get(target)
-                    .map(|q| q.name.as_str())
-                    .unwrap_or("");
-                !is_cycle(headers.as_ref(), name)
-            });
-        }
-        if targets.is_empty() {
-            debug!(queue = %queue_name, "dead-lettered message routed nowhere; dropped");
-            return CopyOutcome::Dropped;
-        }
-        let message = Message {
-            exchange: &exchange,
-            routing_key: route_keys.first().map_or("", String::as_str),
-            persistent: original.persistent,
-            headers: headers.as_ref(),
-            properties: &raw,
-            body: original.body,
-            expiration: None,
-            dedup_key: None,
-            dedup_scope: None,
-            published_at: now_ms(),
-        };
-        match self.enqueue(&message, &targets, settles, settlements) {
-            Ok(_) => CopyOutcome::Written,
-            Err(err) => {
-                warn!(cause = %err, "dead-letter copy could not be written; the original stays");
-                CopyOutcome::WriteFailed
             }
         }
     }

@@ -50,6 +50,19 @@ pub struct MessageRef {
     pub len: u32,
 }
 
+/// A dead letter waiting for a target that takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingDeadLetter {
+    /// The message, still referenced by its queue.
+    pub entry: QueueEntry,
+    /// Why it died.
+    pub reason: crate::dead_letter::DeathReason,
+    /// Moves tried since the first refusal.
+    pub attempts: u32,
+    /// When the next move is tried, ms since the UNIX epoch.
+    pub due_at: u64,
+}
+
 /// One message in one queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueEntry {
@@ -129,6 +142,9 @@ pub struct Queue {
     pub ready: VecDeque<QueueEntry>,
     /// Retries waiting out their `x-redelivery-delay`, by (due time, position).
     pub held: std::collections::BTreeMap<(u64, u64), QueueEntry>,
+    /// Dead letters no target took yet: out of the ready list (neither delivered nor
+    /// counted), still in the log, retried with backoff.
+    pub dead_letter_pending: VecDeque<PendingDeadLetter>,
     /// Bytes of ready bodies.
     pub ready_bytes: u64,
     /// Attached consumers.
@@ -170,6 +186,7 @@ impl Queue {
             dedup: policy_dedup.map(|(size, ttl)| crate::dedup::DedupWindow::new(size, ttl)),
             ready: std::collections::VecDeque::new(),
             held: std::collections::BTreeMap::new(),
+            dead_letter_pending: VecDeque::new(),
             ready_bytes: 0,
             consumers: Vec::new(),
             cursor: 0,

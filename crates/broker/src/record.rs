@@ -15,6 +15,7 @@
 //! dedup checkpoint: 0x04 | u32 queues | per queue: queue id u64, u32 keys,
 //!          (seen at u64 ms, u16 len + key bytes) * keys
 //! definition: 0x05 | one change to the durable definitions, as JSON
+//! park:    0x06 | reason u8 | u32 count | (queue id u64, message position u64) * count
 //! ```
 //!
 //! A message is written once, whatever the number of queues it reaches; every queue keeps
@@ -36,6 +37,7 @@ const HAS_EXPIRATION: u8 = 2;
 const HAS_DEDUP_KEY: u8 = 4;
 const DEDUP_CHECKPOINT: u8 = 4;
 const DEFINITION: u8 = 5;
+const PARK: u8 = 6;
 
 /// The deduplication windows of durable queues at one moment.
 pub type DedupCheckpoint = Vec<(QueueId, Vec<(Vec<u8>, u64)>)>;
@@ -114,6 +116,8 @@ pub enum Replayed {
     DedupCheckpoint(DedupCheckpoint),
     /// A change to the durable definitions (its JSON, parsed by `definitions`).
     Definition(Vec<u8>),
+    /// Dead letters no target took: out of the ready list until moved (reason code).
+    Park(u8, Vec<(QueueId, u64)>),
 }
 
 /// Encodes a publish record.
@@ -223,6 +227,18 @@ pub fn encode_dedup_checkpoint(checkpoint: &[WindowSnapshot<'_>]) -> BytesMut {
             record.put_slice(key);
         }
     }
+    record
+}
+
+/// Encodes a park record: these entries died for `reason` and wait for a dead-letter
+/// target.
+#[must_use]
+pub fn encode_park(reason: u8, entries: &[(QueueId, u64)]) -> BytesMut {
+    let pairs = encode_pairs(PARK, entries);
+    let mut record = BytesMut::with_capacity(pairs.len() + 1);
+    record.put_u8(PARK);
+    record.put_u8(reason);
+    record.extend_from_slice(&pairs[1..]);
     record
 }
 
@@ -353,6 +369,11 @@ pub fn replay(bytes: &[u8]) -> Option<Replayed> {
             Some(Replayed::DedupCheckpoint(checkpoint))
         }
         DEFINITION => Some(Replayed::Definition(bytes[1..].to_vec())),
+        PARK => {
+            let reason = reader.u8()?;
+            let count = reader.u32()? as usize;
+            Some(Replayed::Park(reason, reader.pairs(count)?))
+        }
         _ => None,
     }
 }
@@ -457,6 +478,10 @@ mod tests {
                 QueueId(5),
                 vec![(b"k1".to_vec(), 10), (b"k2".to_vec(), 20)]
             )]))
+        );
+        assert_eq!(
+            replay(&encode_park(2, &[(QueueId(3), 64)])),
+            Some(Replayed::Park(2, vec![(QueueId(3), 64)]))
         );
         assert_eq!(replay(&[9, 9, 9]), None);
         assert_eq!(replay(&[ACK, 0, 0, 0, 5, 1]), None);

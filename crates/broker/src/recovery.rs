@@ -18,6 +18,7 @@ use crate::record::{Replayed, replay};
 struct Recovered {
     entry: QueueEntry,
     acked: bool,
+    parked: Option<u8>,
     published_at: u64,
     expiration: Option<u64>,
 }
@@ -32,6 +33,8 @@ pub struct RecoveredEntry {
     pub published_at: u64,
     /// Its per-message TTL.
     pub expiration: Option<u64>,
+    /// It died and waits for a dead-letter target (the reason's code).
+    pub parked: Option<u8>,
 }
 
 /// Collects replayed records.
@@ -100,6 +103,7 @@ impl Replay {
                     self.queues.entry(queue).or_default().push(Recovered {
                         entry,
                         acked: false,
+                        parked: None,
                         published_at: header.published_at,
                         expiration: header.expiration,
                     });
@@ -112,6 +116,13 @@ impl Replay {
                     .map(|(queue, keys)| (queue, keys.into_iter().collect()))
                     .collect();
                 self.dedup_checkpoint = Some(position);
+            }
+            Some(Replayed::Park(reason, entries)) => {
+                for (queue, position) in entries {
+                    if let Some(recovered) = self.find(queue, position) {
+                        recovered.parked = Some(reason);
+                    }
+                }
             }
             Some(Replayed::Requeue(requeues)) => {
                 for (queue, position) in requeues {
@@ -164,6 +175,7 @@ impl Replay {
                         entry: r.entry,
                         published_at: r.published_at,
                         expiration: r.expiration,
+                        parked: r.parked,
                     })
                     .collect();
                 (queue, live)
@@ -189,7 +201,9 @@ fn highest_queue_id(record: &Replayed) -> u64 {
             .max()
             .unwrap_or(0)
             .max(of_pairs(&header.settles)),
-        Replayed::Ack(pairs) | Replayed::Requeue(pairs) => of_pairs(pairs),
+        Replayed::Ack(pairs) | Replayed::Requeue(pairs) | Replayed::Park(_, pairs) => {
+            of_pairs(pairs)
+        }
         Replayed::DedupCheckpoint(windows) => windows.iter().map(|(q, _)| q.0).max().unwrap_or(0),
         // Declared ids are raised past by applying the change itself.
         Replayed::Definition(_) => 0,

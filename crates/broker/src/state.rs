@@ -528,6 +528,10 @@ impl State {
         for entry in std::mem::take(&mut queue.held).into_values() {
             settlements.settle(queue_id, &entry);
         }
+        // Deleting a queue deletes what waited in it for a dead-letter target too.
+        for pending in std::mem::take(&mut queue.dead_letter_pending) {
+            settlements.settle(queue_id, &pending.entry);
+        }
         for consumer in &queue.consumers {
             if let Some(channel) = self.channels.get_mut(&consumer.channel) {
                 channel.consumers.remove(&consumer.tag);

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::alarm::{AlarmConfig, Alarms};
 use crate::channel::ChannelState;
+use crate::dead_letter::DeathReason;
 use crate::definitions::Definitions;
 use crate::enqueue::{expiry, now_ms};
 use crate::error::{AmqpException, AmqpResult, BrokerError, ReplyCode};
@@ -299,8 +300,21 @@ impl Broker {
                     recovered.expiration,
                 );
                 store.retain(entry.message.position);
-                queue.push(entry);
                 recovered_messages += 1;
+                // A dead letter that was waiting for a target waits again.
+                match recovered.parked.and_then(DeathReason::from_code) {
+                    Some(reason) => {
+                        queue
+                            .dead_letter_pending
+                            .push_back(crate::queue::PendingDeadLetter {
+                                entry,
+                                reason,
+                                attempts: 0,
+                                due_at: 0,
+                            });
+                    }
+                    None => queue.push(entry),
+                }
             }
         }
         store.collect_garbage();
@@ -358,6 +372,7 @@ impl Broker {
         }
         state.checkpoint_dedup_windows(now);
         state.release_delayed(now, &mut settlements);
+        state.retry_dead_letters(now, &mut settlements);
         state.release_held(now, &mut settlements);
         let overdue: Vec<(ChannelKey, u64)> = state
             .channels

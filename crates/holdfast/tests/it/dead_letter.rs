@@ -12,7 +12,7 @@ use crate::support::*;
 use crate::{binary, start};
 use holdfast_testkit::Server;
 
-fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+pub(crate) fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     let mut table = FieldTable::default();
     for (name, value) in pairs {
         table.insert(ShortString::from(*name), value.clone());
@@ -20,7 +20,7 @@ fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     table
 }
 
-fn text(value: &str) -> AMQPValue {
+pub(crate) fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
@@ -71,14 +71,14 @@ async fn with_dead_letter_queue(
     dlq
 }
 
-fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+pub(crate) fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     properties
         .headers()
         .as_ref()
         .and_then(|h| h.inner().get(name))
 }
 
-fn as_text(value: Option<&AMQPValue>) -> Option<String> {
+pub(crate) fn as_text(value: Option<&AMQPValue>) -> Option<String> {
     match value? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
@@ -87,7 +87,7 @@ fn as_text(value: Option<&AMQPValue>) -> Option<String> {
 }
 
 /// The `x-death` entries of a message.
-fn deaths(properties: &BasicProperties) -> Vec<FieldTable> {
+pub(crate) fn deaths(properties: &BasicProperties) -> Vec<FieldTable> {
     match header(properties, "x-death") {
         Some(AMQPValue::FieldArray(array)) => array
             .as_slice()
@@ -101,7 +101,7 @@ fn deaths(properties: &BasicProperties) -> Vec<FieldTable> {
     }
 }
 
-async fn get_one(channel: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
+pub(crate) async fn get_one(channel: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
     for _ in 0..100 {
         if let Some(message) = channel
             .basic_get(queue.into(), BasicGetOptions { no_ack: true })

@@ -7,6 +7,7 @@ mod bench;
 mod confirms_tx;
 mod consumers;
 mod dead_letter;
+mod dead_letter_pending;
 mod dedup;
 mod definitions;
 mod delayed;

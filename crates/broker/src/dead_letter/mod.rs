@@ -5,6 +5,8 @@
 //! `x-last-death-{reason,queue,exchange}` (set every time). A second death in the same
 //! queue for the same reason increments that entry's count and moves it to the front.
 
+mod moves;
+
 use holdfast_codec::{AMQPValue, FieldArray, FieldTable, LongString, ShortString, basic};
 
 /// Why a message was dead-lettered.
@@ -21,6 +23,29 @@ pub enum DeathReason {
 }
 
 impl DeathReason {
+    /// Its code in a park record.
+    #[must_use]
+    pub fn code(self) -> u8 {
+        match self {
+            DeathReason::Rejected => 1,
+            DeathReason::Expired => 2,
+            DeathReason::Maxlen => 3,
+            DeathReason::DeliveryLimit => 4,
+        }
+    }
+
+    /// The reason a park record names.
+    #[must_use]
+    pub fn from_code(code: u8) -> Option<DeathReason> {
+        match code {
+            1 => Some(DeathReason::Rejected),
+            2 => Some(DeathReason::Expired),
+            3 => Some(DeathReason::Maxlen),
+            4 => Some(DeathReason::DeliveryLimit),
+            _ => None,
+        }
+    }
+
     /// The name in `x-death`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
