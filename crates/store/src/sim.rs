@@ -3,7 +3,8 @@
 //! successful `sync_data`; each directory keeps its current names and, apart, the names as
 //! of its last `sync_dir`. [`SimFileSystem::power_loss`] kills the running instance (every
 //! later operation on it fails with `EIO`) and returns a fresh one holding only the
-//! durable state. `fail_sync` makes every `sync_data` fail, for poisoning tests;
+//! durable state. `fail_sync` makes every `sync_data` fail, for poisoning tests, and
+//! `fail_writes` every `write_at`;
 //! `set_free_space` models a nearly full disk: a write that grows files past the free
 //! space writes what fits, then fails with `ENOSPC`, as a real short write would.
 
@@ -22,6 +23,8 @@ struct Flags {
     dead: AtomicBool,
     fail_sync: AtomicBool,
     fail_dir_sync: AtomicBool,
+    /// Every `write_at` fails with `EIO` (nothing written).
+    fail_writes: AtomicBool,
     /// Bytes files may still grow by; `None` is unlimited.
     free_space: Mutex<Option<u64>>,
     /// How long each `sync_data` takes, µs (a real disk's flush is slow while metadata
@@ -55,6 +58,9 @@ struct SimFile {
 impl LogFile for SimFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.flags.check_alive()?;
+        if self.flags.fail_writes.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         let mut contents = self.contents.lock();
         let start = usize::try_from(offset).map_err(io::Error::other)?;
         let mut end = start + buf.len();
@@ -117,9 +123,16 @@ impl LogFile for SimFile {
         self.flags.check_alive()?;
         let len = usize::try_from(len).map_err(io::Error::other)?;
         let mut contents = self.contents.lock();
+        // As on ext4, a truncate (to the current length too) frees what was reserved
+        // beyond the new end.
+        let reserved_after = if len <= contents.current.len() {
+            contents.reserved.min(len)
+        } else {
+            contents.reserved
+        };
         if let Some(free) = self.flags.free_space.lock().as_mut() {
             let before = contents.current.len().max(contents.reserved);
-            let after = len.max(contents.reserved);
+            let after = len.max(reserved_after);
             if after > before {
                 let growth = (after - before) as u64;
                 if growth > *free {
@@ -130,6 +143,7 @@ impl LogFile for SimFile {
                 *free += (before - after) as u64;
             }
         }
+        contents.reserved = reserved_after;
         contents.current.resize(len, 0);
         Ok(())
     }
@@ -180,6 +194,11 @@ impl SimFileSystem {
     /// Makes every later `sync_dir` fail with `EIO` (or succeed again).
     pub(crate) fn set_fail_dir_sync(&self, fail: bool) {
         self.flags.fail_dir_sync.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every later `write_at` fail with `EIO` (or succeed again).
+    pub(crate) fn set_fail_writes(&self, fail: bool) {
+        self.flags.fail_writes.store(fail, Ordering::SeqCst);
     }
 
     /// Makes every later `sync_data` take `delay`.

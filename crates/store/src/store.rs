@@ -856,6 +856,11 @@ impl Core {
                     writer.pending.clear();
                     writer.active_len = start;
                     writer.written = writer.active.base + start;
+                    // The truncate freed the storage reserved beyond `start`: reserve it
+                    // again, or write synchronously from now on (a deferred write must
+                    // never be the one that finds the disk full).
+                    writer.preallocated =
+                        preallocate(writer.active.file.as_ref(), self.segment_size);
                     let _ =
                         writer
                             .active
