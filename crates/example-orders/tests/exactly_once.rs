@@ -22,6 +22,7 @@ use holdfast_testkit::Server;
 use holdfast_testkit::proxy::Proxy;
 use holdfast_testkit::services::Postgres;
 use rand::Rng;
+use rand::seq::SliceRandom;
 
 const ORDERS: i64 = 2500;
 const RATE: u32 = 125;
@@ -164,9 +165,16 @@ fn every_committed_order_is_charged_exactly_once_through_crashes_and_cuts() {
     let mut rng = rand::rng();
     let (mut order_kills, mut payment_kills, mut broker_kills) = (0, 0, 0);
     let chaos_until = Instant::now() + CHAOS;
+    // Every kind of fault in each round of four, in random order, so that none can be
+    // missing from a run.
+    let mut kinds: Vec<u8> = Vec::new();
     while Instant::now() < chaos_until {
         std::thread::sleep(Duration::from_millis(rng.random_range(400..1200)));
-        match rng.random_range(0..4) {
+        if kinds.is_empty() {
+            kinds = vec![0, 1, 2, 3];
+            kinds.shuffle(&mut rng);
+        }
+        match kinds.pop().expect("refilled above") {
             0 => {
                 orders.kill9();
                 order_kills += 1;
@@ -275,6 +283,12 @@ fn every_committed_order_is_charged_exactly_once_through_crashes_and_cuts() {
          {payment_kills} payment-service kill -9, {broker_kills} broker kill -9, {} connection cuts; \
          {absorbed} redeliveries recognised and acked without a charge (counted from the \
          last stats line of each payment-service run, so a lower bound)",
+        proxy.cuts()
+    );
+    assert!(
+        order_kills > 0 && payment_kills > 0 && broker_kills > 0 && proxy.cuts() > 0,
+        "every kind of fault was injected: {order_kills} order-service kill -9, \
+         {payment_kills} payment-service kill -9, {broker_kills} broker kill -9, {} cuts",
         proxy.cuts()
     );
     assert_eq!(
