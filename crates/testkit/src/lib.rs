@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
@@ -22,6 +22,8 @@ pub struct Server {
     pub data_dir: PathBuf,
     binary: PathBuf,
     extra_args: Vec<String>,
+    /// Every line the process (and its restarts) wrote to stderr.
+    log: Arc<Mutex<Vec<String>>>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -46,13 +48,15 @@ impl Server {
     #[must_use]
     pub fn start_in(binary: &Path, data_dir: &Path, extra_args: &[&str]) -> Server {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
-        let (child, addr) = spawn(binary, data_dir, &extra_args, "127.0.0.1:0");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (child, addr) = spawn(binary, data_dir, &extra_args, "127.0.0.1:0", &log);
         Server {
             child,
             addr,
             data_dir: data_dir.to_owned(),
             binary: binary.to_owned(),
             extra_args,
+            log,
             _temp: None,
         }
     }
@@ -71,6 +75,20 @@ impl Server {
         Connection::connect(&self.url(), ConnectionProperties::default())
             .await
             .expect("lapin connects to holdfast")
+    }
+
+    /// How many lines of the server's log so far contain `needle`.
+    ///
+    /// # Panics
+    /// When the log's lock is poisoned.
+    #[must_use]
+    pub fn log_lines_containing(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("server log")
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
     }
 
     /// The process id.
@@ -127,7 +145,13 @@ impl Server {
         let mut last = None;
         // The old port may linger briefly; retry a few times.
         for _ in 0..50 {
-            match try_spawn(&self.binary, &self.data_dir, &self.extra_args, &listen) {
+            match try_spawn(
+                &self.binary,
+                &self.data_dir,
+                &self.extra_args,
+                &listen,
+                &self.log,
+            ) {
                 Ok((child, addr)) => {
                     self.child = child;
                     self.addr = addr;
@@ -155,8 +179,9 @@ fn spawn(
     data_dir: &Path,
     extra_args: &[String],
     listen: &str,
+    log: &Arc<Mutex<Vec<String>>>,
 ) -> (Child, SocketAddr) {
-    try_spawn(binary, data_dir, extra_args, listen).expect("server starts")
+    try_spawn(binary, data_dir, extra_args, listen, log).expect("server starts")
 }
 
 fn try_spawn(
@@ -164,6 +189,7 @@ fn try_spawn(
     data_dir: &Path,
     extra_args: &[String],
     listen: &str,
+    log: &Arc<Mutex<Vec<String>>>,
 ) -> Result<(Child, SocketAddr), String> {
     let mut child = Command::new(binary)
         .arg("server")
@@ -182,11 +208,15 @@ fn try_spawn(
         .map_err(|err| err.to_string())?;
     let stderr = child.stderr.take().ok_or("no stderr")?;
     let (tx, rx) = mpsc::channel();
+    let log = Arc::clone(log);
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if std::env::var_os("HOLDFAST_TEST_ECHO").is_some() {
                 eprintln!("[server] {line}");
+            }
+            if let Ok(mut log) = log.lock() {
+                log.push(line.clone());
             }
             if !sent {
                 if let Some(at) = line.find("amqp=") {

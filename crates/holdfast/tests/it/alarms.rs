@@ -189,6 +189,13 @@ async fn full_disk_blocks_and_nacks_publishers_and_loses_nothing_confirmed() {
         acked.len() >= 100,
         "10 MiB free hold ~150 messages of 64 KiB"
     );
+    // The path this test is about ran: a write the disk refused was cut back out of the
+    // log, and its publish was nacked (not confirmed, not lost).
+    assert!(nacked >= 1, "no publish was refused for lack of space");
+    assert!(
+        server.log_lines_containing("cut back") + server.log_lines_containing("was undone") >= 1,
+        "the broker logged no cut-back of a refused write"
+    );
 
     // Space returns: the alarm clears, the held publish goes through, publishing resumes.
     std::fs::remove_file(&ballast).expect("remove ballast");
