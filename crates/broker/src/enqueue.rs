@@ -37,6 +37,10 @@ pub fn expiry(published_at: u64, queue_ttl: Option<u64>, message_ttl: Option<u64
     }
 }
 
+/// The most durable queues one persistent message may reach (a publish record counts
+/// them in 16 bits). A wider fan-out is refused whole (the publisher gets a nack).
+pub const MAX_DURABLE_TARGETS: usize = u16::MAX as usize;
+
 /// A message on its way into queues.
 #[derive(Debug, Clone, Copy)]
 pub struct Message<'a> {
@@ -167,6 +171,26 @@ impl State {
         settles: &[(QueueId, u64)],
         settlements: &mut Settlements<'_>,
     ) -> Result<Enqueued, StoreError> {
+        if message.persistent {
+            let durable = targets
+                .iter()
+                .filter(|id| self.queues.get(id).is_some_and(|q| q.durable))
+                .count();
+            if durable > MAX_DURABLE_TARGETS {
+                // A publish record names at most this many queues; cutting the list would
+                // confirm a message that some of its queues lose at the next restart.
+                warn!(
+                    exchange = message.exchange,
+                    routing_key = message.routing_key,
+                    durable_queues = durable,
+                    "persistent publish routed to more durable queues than one record can name (65,535): refused"
+                );
+                return Ok(Enqueued {
+                    rejected: true,
+                    ..Enqueued::default()
+                });
+            }
+        }
         let body_size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
         let mut outcome = Enqueued::default();
         let mut accepted = Vec::with_capacity(targets.len());
@@ -561,6 +585,72 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A persistent fan-out wider than a record can name is refused whole, and nothing
+    /// is written: before, the list of durable queues was cut at 65,535 and the message
+    /// confirmed, so the queues past the cut lost it at the next restart.
+    #[test]
+    fn a_fan_out_wider_than_a_record_can_name_is_refused_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = holdfast_store::Store::open(
+            holdfast_store::StoreConfig {
+                dir: dir.path().to_owned(),
+                segment_size: 1 << 20,
+                fsync: holdfast_store::FsyncPolicy::Never,
+            },
+            |_, _| {},
+        )
+        .expect("store");
+        let mut state = State::new(store.clone(), 0, 1 << 20);
+        let targets: Vec<QueueId> = (1..=MAX_DURABLE_TARGETS as u64 + 1).map(QueueId).collect();
+        for id in &targets {
+            let queue = crate::queue::Queue::new(
+                *id,
+                format!("q{}", id.0),
+                "/".to_owned(),
+                true,
+                None,
+                false,
+                FieldTable::default(),
+                crate::arguments::QueuePolicy::default(),
+                0,
+            );
+            state.queues.insert(*id, queue);
+        }
+        let message = Message {
+            exchange: "wide",
+            routing_key: "",
+            persistent: true,
+            headers: None,
+            properties: &[0, 0],
+            body: b"m",
+            expiration: None,
+            dedup_key: None,
+            dedup_scope: None,
+            published_at: 0,
+        };
+        let before = store.stats().appended_records;
+        let mut settlements = Settlements::new(&store);
+        let outcome = state
+            .enqueue(&message, &targets, &[], &mut settlements)
+            .expect("no store error");
+        settlements.apply();
+        assert!(outcome.rejected && !outcome.stored, "{outcome:?}");
+        assert_eq!(store.stats().appended_records, before, "nothing written");
+        assert!(state.queues.values().all(|q| q.message_count() == 0));
+        // One queue fewer fits in a record: taken by all.
+        let mut settlements = Settlements::new(&store);
+        let outcome = state
+            .enqueue(&message, &targets[1..], &[], &mut settlements)
+            .expect("no store error");
+        settlements.apply();
+        assert!(outcome.stored && !outcome.rejected);
+        assert_eq!(state.queues[&targets[1]].message_count(), 1);
+        assert_eq!(
+            state.queues[&targets[MAX_DURABLE_TARGETS]].message_count(),
+            1
+        );
+    }
 
     #[test]
     fn expiry_takes_the_earlier_ttl() {
