@@ -215,12 +215,30 @@ impl SimFileSystem {
     /// Cuts the power: this instance fails every operation from now on; the returned one
     /// holds exactly what was durable.
     pub(crate) fn power_loss(&self) -> SimFileSystem {
+        self.cut_power(None)
+    }
+
+    /// Cuts the power as a real disk would: besides what was durable, a random subset of
+    /// the pages written since the last sync reached the disk (written back partially
+    /// and out of order). A page that did not is a hole (zeros) if a later one did, so a
+    /// file may end in a random prefix of its unsynced tail, with holes in it.
+    pub(crate) fn power_loss_torn(&self, rng: &mut impl rand::Rng) -> SimFileSystem {
+        self.cut_power(Some(rng))
+    }
+
+    fn cut_power(&self, mut torn: Option<&mut dyn rand::RngCore>) -> SimFileSystem {
         let namespace = self.namespace.lock();
         self.flags.dead.store(true, Ordering::SeqCst);
         let flags = Arc::new(Flags::default());
         let mut survivor = Namespace::default();
         for (path, file) in &namespace.durable {
-            let bytes = file.contents.lock().synced.clone();
+            let bytes = {
+                let contents = file.contents.lock();
+                match torn.as_deref_mut() {
+                    Some(rng) => written_back(&contents, rng),
+                    None => contents.synced.clone(),
+                }
+            };
             let file = Arc::new(SimFile {
                 contents: Mutex::new(Contents {
                     current: bytes.clone(),
@@ -237,6 +255,35 @@ impl SimFileSystem {
             flags,
         }
     }
+}
+
+/// The page size of the torn write-back model.
+const PAGE: usize = 4096;
+
+/// What of a file reaches the disk in a torn power cut: the synced bytes, and each page
+/// written since (one that differs from the synced bytes, or lies past them) with
+/// probability 1/2.
+fn written_back(contents: &Contents, rng: &mut dyn rand::RngCore) -> Vec<u8> {
+    use rand::Rng;
+    let synced = &contents.synced;
+    let current = &contents.current;
+    let mut result = synced.clone();
+    let pages = current.len().max(synced.len()).div_ceil(PAGE);
+    for page in 0..pages {
+        let from = page * PAGE;
+        let to = ((page + 1) * PAGE).min(current.len());
+        if from >= to {
+            continue;
+        }
+        let dirty = to > synced.len() || current[from..to] != synced[from..to];
+        if dirty && rng.random_bool(0.5) {
+            if result.len() < to {
+                result.resize(to, 0);
+            }
+            result[from..to].copy_from_slice(&current[from..to]);
+        }
+    }
+    result
 }
 
 impl FileSystem for SimFileSystem {

@@ -72,6 +72,9 @@ pub struct StoreStats {
     pub fsyncs: u64,
     /// Records appended since open.
     pub appended_records: u64,
+    /// Bytes of a torn tail (a partly written or corrupt last record) recovery cut off
+    /// at open.
+    pub torn_bytes_cut_at_open: u64,
 }
 
 /// The commit log. Cheap to clone; all clones share one log. Dropping the last clone (or
@@ -113,6 +116,7 @@ struct Core {
     durable_tx: watch::Sender<Result<u64, StorePoisoned>>,
     fsyncs: AtomicU64,
     appended_records: AtomicU64,
+    torn_bytes_cut_at_open: u64,
     /// Logical offset below which every byte is handed to the OS (readable).
     flushed: AtomicU64,
     /// Deletes the segments garbage collection takes out of the table.
@@ -246,7 +250,7 @@ impl Store {
             .map_err(StoreError::io(format!("locking {}", lock_path.display())))?
             .ok_or(StoreError::Locked { path: lock_path })?;
 
-        let segments = recover(fs.as_ref(), &log_dir, visit)?;
+        let (segments, torn_bytes_cut_at_open) = recover(fs.as_ref(), &log_dir, visit)?;
         let active = Arc::clone(
             segments
                 .values()
@@ -290,6 +294,7 @@ impl Store {
             durable_tx,
             fsyncs: AtomicU64::new(0),
             appended_records: AtomicU64::new(0),
+            torn_bytes_cut_at_open,
             flushed: AtomicU64::new(written),
             reaper,
             _lock: lock,
@@ -551,6 +556,7 @@ impl Store {
             durable,
             fsyncs: core.fsyncs.load(Ordering::SeqCst),
             appended_records: core.appended_records.load(Ordering::SeqCst),
+            torn_bytes_cut_at_open: core.torn_bytes_cut_at_open,
         }
     }
 }

@@ -3,12 +3,14 @@
 use super::*;
 
 /// Scans `log_dir`, visits every valid record, repairs the tail, and returns the segment
-/// table (never empty: a fresh log gets segment 0).
+/// table (never empty: a fresh log gets segment 0) and how many bytes of a torn tail it
+/// cut off the last segment.
 pub(super) fn recover(
     fs: &dyn FileSystem,
     log_dir: &Path,
     visit: &mut dyn FnMut(LogPosition, &[u8]),
-) -> Result<BTreeMap<u64, Arc<Segment>>, StoreError> {
+) -> Result<(BTreeMap<u64, Arc<Segment>>, u64), StoreError> {
+    let mut torn_bytes = 0;
     let mut bases: Vec<u64> = fs
         .list_dir(log_dir)
         .map_err(StoreError::io(format!("listing {}", log_dir.display())))?
@@ -52,6 +54,7 @@ pub(super) fn recover(
                     file.set_len(offset).map_err(io_error("truncating"))?;
                     file.sync_data().map_err(io_error("syncing"))?;
                     tracing::warn!(segment = %path.display(), offset, lost_bytes, reason, "torn tail cut");
+                    torn_bytes += lost_bytes;
                     len = offset;
                 } else {
                     tracing::warn!(
@@ -109,5 +112,5 @@ pub(super) fn recover(
             );
         }
     }
-    Ok(segments)
+    Ok((segments, torn_bytes))
 }
