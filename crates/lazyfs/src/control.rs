@@ -21,6 +21,9 @@ use crate::model::LazyState;
 pub enum Command {
     /// Throw away everything not yet fsynced.
     Crash,
+    /// Power loss with partial write-back: a random half of the unsynced pages reach
+    /// the disk first.
+    CrashTorn,
     /// Make every fsync fail with `EIO`.
     FailFsync,
     /// Make fsyncs work again.
@@ -33,6 +36,7 @@ impl Command {
     pub fn parse(word: &str) -> Option<Command> {
         match word {
             "crash" => Some(Command::Crash),
+            "crash-torn" => Some(Command::CrashTorn),
             "fail-fsync" => Some(Command::FailFsync),
             "heal" => Some(Command::Heal),
             _ => None,
@@ -44,6 +48,7 @@ impl Command {
     pub fn as_str(self) -> &'static str {
         match self {
             Command::Crash => "crash",
+            Command::CrashTorn => "crash-torn",
             Command::FailFsync => "fail-fsync",
             Command::Heal => "heal",
         }
@@ -56,6 +61,12 @@ impl Command {
     pub fn apply(self, state: &mut LazyState) -> Result<(), Errno> {
         match self {
             Command::Crash => state.crash().map_err(|_| Errno::EIO),
+            Command::CrashTorn => {
+                let seed = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64);
+                state.crash_torn(seed).map_err(|_| Errno::EIO)
+            }
             Command::FailFsync => {
                 state.set_fail_fsync(true);
                 Ok(())
@@ -96,7 +107,7 @@ pub fn run(state: &mut LazyState, text: &[u8]) -> Result<(), Errno> {
 pub fn status(state: &LazyState) -> String {
     let stats = state.stats();
     format!(
-        "fail_fsync={}\npending_bytes={}\npending_entries={}\nfsyncs={}\nfailed_fsyncs={}\ncrashes={}\ndropped_bytes={}\ndropped_entries={}\n",
+        "fail_fsync={}\npending_bytes={}\npending_entries={}\nfsyncs={}\nfailed_fsyncs={}\ncrashes={}\ndropped_bytes={}\ndropped_entries={}\ntorn_pages={}\n",
         state.failing_fsync(),
         state.pending_bytes(),
         state.pending_entries(),
@@ -105,5 +116,6 @@ pub fn status(state: &LazyState) -> String {
         stats.crashes,
         stats.dropped_bytes,
         stats.dropped_entries,
+        stats.torn_pages,
     )
 }

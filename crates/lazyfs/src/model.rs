@@ -62,6 +62,8 @@ pub struct Stats {
     pub dropped_bytes: u64,
     /// Directory entries whose creation, rename or removal was thrown away by crashes.
     pub dropped_entries: u64,
+    /// Unsynced pages that torn crashes let reach the disk.
+    pub torn_pages: u64,
 }
 
 struct FileNode {
@@ -249,6 +251,62 @@ impl LazyState {
         self.stats.dropped_bytes += self.pending_bytes();
         self.stats.dropped_entries += self.pending_entries();
         self.load()
+    }
+
+    /// Power loss as a real disk sees it: of the pages written since the last fsync, a
+    /// random half (chosen from `seed`) reached the disk before the power went, in no
+    /// particular order; the rest is gone. A page that reached the disk past the synced
+    /// end extends the file, and the pages before it that did not are holes (zeros).
+    /// Directory changes not fsynced are lost as in [`LazyState::crash`].
+    ///
+    /// # Errors
+    /// When the backing files cannot be written or reloaded.
+    pub fn crash_torn(&mut self, seed: u64) -> io::Result<()> {
+        const PAGE: usize = 4096;
+        let mut random = seed | 1;
+        let mut coin = move || {
+            // xorshift64: enough to pick pages.
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random & 1 == 1
+        };
+        let inodes: Vec<u64> = self.nodes.keys().copied().collect();
+        for inode in inodes {
+            let Some(Node::File(file)) = self.nodes.get(&inode) else {
+                continue;
+            };
+            let mut pages: Vec<(usize, usize)> = Vec::new();
+            for (from, to) in file.dirty_ranges() {
+                let mut page = from / PAGE * PAGE;
+                while page < to {
+                    let (start, end) = (page.max(from), (page + PAGE).min(to));
+                    if coin() {
+                        pages.push((start, end));
+                    }
+                    page += PAGE;
+                }
+            }
+            if pages.is_empty() {
+                continue;
+            }
+            let written: Vec<(usize, Vec<u8>)> = pages
+                .iter()
+                .map(|&(from, to)| (from, file.current[from..to].to_vec()))
+                .collect();
+            // A file whose name is not durable yet is gone whole, torn or not.
+            let paths = self.durable_paths(inode);
+            for path in &paths {
+                let backing = fs::OpenOptions::new().write(true).open(path)?;
+                for (offset, bytes) in &written {
+                    backing.write_all_at(bytes, *offset as u64)?;
+                }
+            }
+            if !paths.is_empty() {
+                self.stats.torn_pages += written.len() as u64;
+            }
+        }
+        self.crash()
     }
 
     /// From now on every fsync fails with `EIO` (`true`), or works again (`false`).

@@ -61,6 +61,8 @@ pub struct Status {
     pub dropped_bytes: u64,
     /// Directory entry changes thrown away by crashes.
     pub dropped_entries: u64,
+    /// Unsynced pages torn crashes let reach the disk.
+    pub torn_pages: u64,
 }
 
 impl Status {
@@ -82,6 +84,7 @@ impl Status {
                 "crashes" => status.crashes = number,
                 "dropped_bytes" => status.dropped_bytes = number,
                 "dropped_entries" => status.dropped_entries = number,
+                "torn_pages" => status.torn_pages = number,
                 _ => {}
             }
         }

@@ -57,10 +57,15 @@ impl Disk {
         self.mount.status().expect("lazyfs status").dropped_bytes
     }
 
-    /// Power cut: `kill -9` the broker, then drop everything it did not fsync.
-    fn power_cut(&self, server: &mut Server) {
+    /// Power cut: `kill -9` the broker, then drop everything it did not fsync (or, torn,
+    /// let a random half of the unsynced pages reach the disk first).
+    fn power_cut(&self, server: &mut Server, torn: bool) {
         server.kill9();
-        self.command(Command::Crash);
+        self.command(if torn {
+            Command::CrashTorn
+        } else {
+            Command::Crash
+        });
     }
 }
 
@@ -85,6 +90,7 @@ async fn publish_until_stopped(
     producer: u64,
     round: u64,
     confirmed: Confirmed,
+    body_len: usize,
 ) {
     let Some(connection) = connect(&url).await else {
         return;
@@ -103,12 +109,14 @@ async fn publish_until_stopped(
     let record = |id: u64| confirmed.lock().expect("lock").push((id, Instant::now()));
     for seq in 0.. {
         let id = (round << 40) | (producer << 32) | seq;
+        let mut body = id.to_be_bytes().to_vec();
+        body.resize(body_len.max(8), 0xa5);
         let Ok(confirm) = channel
             .basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
-                &id.to_be_bytes(),
+                &body,
                 BasicProperties::default().with_delivery_mode(2),
             )
             .await
@@ -138,6 +146,7 @@ fn start_publishers(
     queue: &'static str,
     round: u64,
     confirmed: &Confirmed,
+    body_len: usize,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..2)
         .map(|producer| {
@@ -147,6 +156,7 @@ fn start_publishers(
                 producer,
                 round,
                 confirmed.clone(),
+                body_len,
             ))
         })
         .collect()
@@ -216,12 +226,16 @@ async fn power_cut_round(
     queue: &'static str,
     round: u64,
     tally: &mut Tally,
+    torn: bool,
 ) -> Vec<u64> {
     let confirmed: Confirmed = Arc::new(Mutex::new(Vec::new()));
-    let publishers = start_publishers(server, queue, round, &confirmed);
+    // Torn cuts need records that span pages: a cut between the flusher's write and its
+    // fsync then leaves some of a record's pages on disk and others not.
+    let body_len = if torn { 24 * 1024 } else { 8 };
+    let publishers = start_publishers(server, queue, round, &confirmed, body_len);
     let pause = rand::rng().random_range(100..600);
     tokio::time::sleep(Duration::from_millis(pause)).await;
-    disk.power_cut(server);
+    disk.power_cut(server, torn);
     join_publishers(publishers).await;
     server.restart();
     let confirmed: HashSet<u64> = confirmed
@@ -267,23 +281,44 @@ async fn power_cut_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_messages_survive_power_loss_exactly_once() {
+    power_cuts_exactly_once(false).await;
+}
+
+/// The same with torn write-back: at each cut a random half of the pages not yet
+/// fsynced reached the disk, out of order, with holes. Torn tails must be cut by the
+/// CRC and never served, and at least one cut must have left one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_torn_power_loss_exactly_once() {
+    power_cuts_exactly_once(true).await;
+}
+
+async fn power_cuts_exactly_once(torn: bool) {
     // At least ROUNDS cuts, and more (up to MAX_ROUNDS) until one of them hit writes not
-    // yet fsynced: with writes batched right before each fsync that window is short, and a
-    // run whose cuts all missed it would prove less than it claims.
+    // yet fsynced (and, torn, until recovery cut a torn tail): with writes batched right
+    // before each fsync that window is short, and a run whose cuts all missed it would
+    // prove less than it claims.
     const ROUNDS: u64 = 10;
     const MAX_ROUNDS: u64 = 30;
     const QUEUE: &str = "power";
     let disk = Disk::new();
-    // Small segments, so that rolls (new files, directory fsyncs) happen under load.
-    let mut server = Server::start_in(binary(), &disk.data_dir(), &["--segment-size", "262144"]);
+    // Small segments, so that rolls (new files, directory fsyncs) happen under load; with
+    // torn cuts larger ones, or the active segment's name is mostly not yet durable and a
+    // cut drops the whole file rather than tearing it.
+    let segment_size = if torn { "4194304" } else { "262144" };
+    let mut server = Server::start_in(
+        binary(),
+        &disk.data_dir(),
+        &["--segment-size", segment_size],
+    );
     declare_durable_queue(&server, QUEUE).await;
     let mut tally = Tally::default();
+    let torn_tails = |server: &Server| server.log_lines_containing("torn tail cut");
     for round in 1..=MAX_ROUNDS {
-        if round > ROUNDS && disk.dropped_bytes() > 0 {
+        if round > ROUNDS && disk.dropped_bytes() > 0 && (!torn || torn_tails(&server) > 0) {
             break;
         }
         let confirmed_before = tally.confirmed;
-        let lost = power_cut_round(&disk, &mut server, QUEUE, round, &mut tally).await;
+        let lost = power_cut_round(&disk, &mut server, QUEUE, round, &mut tally, torn).await;
         assert!(
             lost.is_empty(),
             "round {round}: {} of {} confirmed messages lost after a power cut, e.g. {:#x?}",
@@ -311,16 +346,30 @@ async fn confirmed_messages_survive_power_loss_exactly_once() {
         connection.close(200, "checked".into()).await.ok();
     }
     let dropped = disk.dropped_bytes();
+    let status = disk.mount.status().expect("lazyfs status");
     println!(
-        "power-loss rounds (fsync=always): {}, confirmed: {}, confirmed-but-lost: {}, duplicates: {}, \
-         delivered: {}, unsynced bytes dropped by the crashes: {dropped}",
-        tally.rounds, tally.confirmed, tally.lost, tally.duplicates, tally.delivered
+        "power-loss rounds (fsync=always, torn write-back: {torn}): {}, confirmed: {}, \
+         confirmed-but-lost: {}, duplicates: {}, delivered: {}, unsynced bytes dropped by the \
+         crashes: {dropped}, unsynced pages written back: {}, torn tails cut at recovery: {}",
+        tally.rounds,
+        tally.confirmed,
+        tally.lost,
+        tally.duplicates,
+        tally.delivered,
+        status.torn_pages,
+        torn_tails(&server)
     );
     assert!(tally.confirmed > 0, "the test must confirm something");
     assert!(
         dropped > 0,
         "no crash dropped anything: the cuts never hit unsynced writes"
     );
+    if torn {
+        assert!(
+            torn_tails(&server) > 0,
+            "no torn cut left a partial record for recovery to cut"
+        );
+    }
 }
 
 /// The control experiment: `fsync = never` confirms what is only in memory, so a power cut
@@ -337,7 +386,7 @@ async fn fsync_never_loses_confirmed_messages_on_power_loss() {
     declare_durable_queue(&server, QUEUE).await;
     let mut tally = Tally::default();
     for round in 1..=ROUNDS {
-        power_cut_round(&disk, &mut server, QUEUE, round, &mut tally).await;
+        power_cut_round(&disk, &mut server, QUEUE, round, &mut tally, false).await;
         if tally.lost > 0 && tally.rounds >= 3 {
             break;
         }
@@ -374,7 +423,7 @@ async fn a_failed_fsync_stops_the_node_and_loses_nothing_confirmed() {
     let mut server = Server::start_in(binary(), &disk.data_dir(), &["--segment-size", "262144"]);
     declare_durable_queue(&server, QUEUE).await;
     let confirmed: Confirmed = Arc::new(Mutex::new(Vec::new()));
-    let publishers = start_publishers(&server, QUEUE, 1, &confirmed);
+    let publishers = start_publishers(&server, QUEUE, 1, &confirmed, 8);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let confirmed_before = confirmed.lock().expect("lock").len();
     let failed_at = Instant::now();
@@ -463,7 +512,7 @@ async fn declared_definitions_survive_power_loss() {
             .await
             .expect("queue.delete");
         // The power goes the moment the last -ok arrived.
-        disk.power_cut(&mut server);
+        disk.power_cut(&mut server, false);
     }
     server.restart();
     let connection = server.connect().await;

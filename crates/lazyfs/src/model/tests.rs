@@ -230,3 +230,42 @@ fn the_control_name_is_reserved_and_directories_cannot_move_into_themselves() {
         Err(Errno::EINVAL)
     );
 }
+
+/// A torn crash keeps the synced bytes and a random subset of the unsynced pages: each
+/// page after the synced prefix is either exactly what was written or absent (a hole of
+/// zeros below the new end), and across seeds both happen.
+#[test]
+fn a_torn_crash_keeps_a_random_subset_of_unsynced_pages() {
+    const PAGE: usize = 4096;
+    let written: Vec<u8> = (0..8 * PAGE).map(|i| (i / PAGE) as u8 + 1).collect();
+    let (mut kept_pages, mut lost_pages) = (0, 0);
+    for seed in 1..=16u64 {
+        let (_backing, mut state) = state();
+        let file = state.create_file(ROOT, name("f")).expect("create").inode;
+        state.write(file, 0, &written[..PAGE]).expect("write");
+        state.fsync(file).expect("fsync");
+        state.fsync(ROOT).expect("fsync root");
+        state
+            .write(file, PAGE as u64, &written[PAGE..])
+            .expect("write");
+        state.crash_torn(seed).expect("torn crash");
+        let after = contents(&state, ROOT, "f").expect("durable file");
+        assert_eq!(&after[..PAGE], &written[..PAGE], "synced bytes survive");
+        assert_eq!(after.len() % PAGE, 0);
+        for page in 1..8 {
+            let range = page * PAGE..(page + 1) * PAGE;
+            match after.get(range.clone()) {
+                Some(bytes) if bytes == &written[range.clone()] => kept_pages += 1,
+                Some(bytes) => {
+                    assert!(bytes.iter().all(|b| *b == 0), "a page is whole or a hole");
+                    lost_pages += 1;
+                }
+                None => lost_pages += 1,
+            }
+        }
+    }
+    assert!(
+        kept_pages > 0 && lost_pages > 0,
+        "{kept_pages} kept, {lost_pages} lost"
+    );
+}
