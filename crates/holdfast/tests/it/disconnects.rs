@@ -17,17 +17,6 @@ use crate::raw::{CLIENT_FRAME_MAX, RawClient};
 use crate::support::*;
 use holdfast_testkit::Server;
 
-fn segment_files(data_dir: &std::path::Path) -> usize {
-    std::fs::read_dir(data_dir.join("log"))
-        .expect("log dir")
-        .filter(|entry| {
-            entry
-                .as_ref()
-                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
-        })
-        .count()
-}
-
 /// A consumer whose socket is reset while deliveries are still queued for it: the
 /// deliveries go back to the queue, another consumer takes and acks them, and then the
 /// segments that held them are deleted (a queued delivery pins its record until the

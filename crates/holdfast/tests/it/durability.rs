@@ -366,17 +366,6 @@ fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
-fn segment_files(data_dir: &std::path::Path) -> usize {
-    std::fs::read_dir(data_dir.join("log"))
-        .expect("log dir")
-        .filter(|entry| {
-            entry
-                .as_ref()
-                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
-        })
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_bodies_stay_on_disk_and_acked_segments_are_deleted() {
     let temp = tempfile::tempdir().expect("tempdir");

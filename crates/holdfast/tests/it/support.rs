@@ -108,3 +108,15 @@ pub async fn assert_no_delivery(consumer: &mut Consumer) {
         );
     }
 }
+
+/// The segment files in a data directory's log.
+pub fn segment_files(data_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(data_dir.join("log"))
+        .expect("log dir")
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+        })
+        .count()
+}
