@@ -217,7 +217,7 @@ fn power_cuts_under_load(torn_writeback: bool, rounds: usize) -> usize {
                         let len = rng.random_range(0..1500);
                         let bytes = payload(worker * 1_000_000 + sequence, len);
                         sequence += 1;
-                        if torn_writeback && sequence % 3 == 0 {
+                        if torn_writeback && sequence.is_multiple_of(3) {
                             // Written at once, fsynced with the next flush; never confirmed.
                             if store.append_lazy(&bytes, 1).is_err() {
                                 return;
