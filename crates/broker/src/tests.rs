@@ -430,3 +430,49 @@ fn a_record_of_an_unknown_kind_refuses_the_open() {
         "the error names the kind and where: {refused}"
     );
 }
+
+/// A `queue.delete` whose record the log cannot take fails whole: the client gets 541
+/// and the queue keeps its messages, now and after a restart. (Before definitions were
+/// logged, the queue was deleted in memory, the file write failed, and the queue came
+/// back with its messages at the next start although the client had seen an error.)
+#[test]
+fn a_queue_delete_the_log_refuses_leaves_the_queue_and_its_messages() {
+    use holdfast_store::sim::SimFileSystem;
+    let fs = SimFileSystem::default();
+    let config = BrokerConfig::new(StoreConfig {
+        dir: "/sim".into(),
+        segment_size: 1 << 20,
+        fsync: FsyncPolicy::Always,
+    });
+    let open_on = |fs: &SimFileSystem| {
+        let fs = fs.clone();
+        let store_config = config.store.clone();
+        Broker::open_with_store(config.clone(), move |visit| {
+            holdfast_store::Store::open_on(&fs, store_config, visit)
+        })
+        .expect("broker opens")
+    };
+    // Too little room to reserve a segment: every write meets the disk at once.
+    fs.set_free_space(Some(20_000));
+    {
+        let broker = open_on(&fs);
+        let (c, _events) = connect(&broker);
+        declare_durable(&broker, c, "kept");
+        for id in 0..3 {
+            publish(&broker, c, "kept", id, true);
+        }
+        fs.set_free_space(Some(0));
+        let refused = broker
+            .queue_delete(c, "kept", false, false)
+            .expect_err("the deletion cannot be logged");
+        assert_eq!(refused.code, ReplyCode::InternalError, "{refused:?}");
+        assert_eq!(count(&broker, "kept"), Some(3), "the queue stays, whole");
+        fs.set_free_space(None);
+    }
+    let broker = open_on(&fs);
+    assert_eq!(
+        count(&broker, "kept"),
+        Some(3),
+        "after a restart the queue is there with its messages"
+    );
+}

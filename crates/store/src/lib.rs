@@ -64,8 +64,10 @@ mod file_layer;
 mod position;
 mod reaper;
 mod segment;
-#[cfg(test)]
-mod sim;
+/// An in-memory file system that models power cuts, torn write-back, full disks and
+/// failing I/O, for tests of the store and of what is built on it (feature `sim`).
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 mod store;
 #[cfg(test)]
 mod tests;

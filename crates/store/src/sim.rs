@@ -180,41 +180,41 @@ struct Namespace {
 
 /// See the module docs.
 #[derive(Clone, Default)]
-pub(crate) struct SimFileSystem {
+pub struct SimFileSystem {
     namespace: Arc<Mutex<Namespace>>,
     flags: Arc<Flags>,
 }
 
 impl SimFileSystem {
     /// Makes every later `sync_data` fail with `EIO` (or succeed again).
-    pub(crate) fn set_fail_sync(&self, fail: bool) {
+    pub fn set_fail_sync(&self, fail: bool) {
         self.flags.fail_sync.store(fail, Ordering::SeqCst);
     }
 
     /// Makes every later `sync_dir` fail with `EIO` (or succeed again).
-    pub(crate) fn set_fail_dir_sync(&self, fail: bool) {
+    pub fn set_fail_dir_sync(&self, fail: bool) {
         self.flags.fail_dir_sync.store(fail, Ordering::SeqCst);
     }
 
     /// Makes every later `write_at` fail with `EIO` (or succeed again).
-    pub(crate) fn set_fail_writes(&self, fail: bool) {
+    pub fn set_fail_writes(&self, fail: bool) {
         self.flags.fail_writes.store(fail, Ordering::SeqCst);
     }
 
     /// Makes every later `sync_data` take `delay`.
-    pub(crate) fn set_sync_delay(&self, delay: std::time::Duration) {
+    pub fn set_sync_delay(&self, delay: std::time::Duration) {
         let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
         self.flags.sync_delay_micros.store(micros, Ordering::SeqCst);
     }
 
     /// Lets files grow by only `free` more bytes (`None`: unlimited again).
-    pub(crate) fn set_free_space(&self, free: Option<u64>) {
+    pub fn set_free_space(&self, free: Option<u64>) {
         *self.flags.free_space.lock() = free;
     }
 
     /// Cuts the power: this instance fails every operation from now on; the returned one
     /// holds exactly what was durable.
-    pub(crate) fn power_loss(&self) -> SimFileSystem {
+    pub fn power_loss(&self) -> SimFileSystem {
         self.cut_power(None)
     }
 
@@ -222,7 +222,7 @@ impl SimFileSystem {
     /// the pages written since the last sync reached the disk (written back partially
     /// and out of order). A page that did not is a hole (zeros) if a later one did, so a
     /// file may end in a random prefix of its unsynced tail, with holes in it.
-    pub(crate) fn power_loss_torn(&self, rng: &mut impl rand::Rng) -> SimFileSystem {
+    pub fn power_loss_torn(&self, rng: &mut impl rand::Rng) -> SimFileSystem {
         self.cut_power(Some(rng))
     }
 

@@ -235,10 +235,23 @@ impl Broker {
     /// # Errors
     /// When the store cannot be opened or the definitions cannot be read.
     pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
+        let store_config = config.store.clone();
+        Self::open_with_store(config, move |visit| Store::open(store_config, visit))
+    }
+
+    /// [`Broker::open`] on a store that `open_store` opens, passing every recovered
+    /// record to the visitor it is given (tests open one on a simulated disk).
+    ///
+    /// # Errors
+    /// As [`Broker::open`].
+    pub fn open_with_store(
+        config: BrokerConfig,
+        open_store: impl FnOnce(
+            &mut dyn FnMut(holdfast_store::LogPosition, &[u8]),
+        ) -> Result<Store, holdfast_store::StoreError>,
+    ) -> Result<Arc<Broker>, BrokerError> {
         let mut replay = Replay::default();
-        let store = Store::open(config.store.clone(), |position, payload| {
-            replay.visit(position, payload)
-        })?;
+        let store = open_store(&mut |position, payload| replay.visit(position, payload))?;
         if let Some((kind, position)) = replay.first_unknown {
             return Err(BrokerError::UnknownRecord {
                 kind,

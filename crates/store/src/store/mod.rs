@@ -214,6 +214,19 @@ impl Store {
         Store::open_with(Arc::new(StdFileSystem), config, &mut visit)
     }
 
+    /// [`Store::open`] on the simulated file system (tests of crates built on the store).
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    #[cfg(any(test, feature = "sim"))]
+    pub fn open_on(
+        fs: &crate::sim::SimFileSystem,
+        config: StoreConfig,
+        mut visit: impl FnMut(LogPosition, &[u8]),
+    ) -> Result<Store, StoreError> {
+        Store::open_with(Arc::new(fs.clone()), config, &mut visit)
+    }
+
     pub(crate) fn open_with(
         fs: Arc<dyn FileSystem>,
         config: StoreConfig,
