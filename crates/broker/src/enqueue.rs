@@ -171,7 +171,9 @@ impl State {
         settles: &[(QueueId, u64)],
         settlements: &mut Settlements<'_>,
     ) -> Result<Enqueued, StoreError> {
-        if message.persistent {
+        // Cheap guard first: only a fan-out this wide can name too many durable queues,
+        // so the common publish pays one comparison.
+        if message.persistent && targets.len() > MAX_DURABLE_TARGETS {
             let durable = targets
                 .iter()
                 .filter(|id| self.queues.get(id).is_some_and(|q| q.durable))

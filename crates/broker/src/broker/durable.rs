@@ -47,7 +47,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Logs a durable change and then applies it.
+    /// Applies a change, logging it first when it touches only durable things (a
+    /// transient one is applied without a record).
     ///
     /// # Errors
     /// 541 (connection) when the log refuses the record; nothing is applied then.
@@ -55,10 +56,13 @@ impl Broker {
         &self,
         state: &mut State,
         change: DefinitionChange,
+        durable: bool,
         settlements: &mut Settlements<'_>,
     ) -> Result<(), AmqpException> {
-        self.log_definition(state, &change)
-            .map_err(|err| refused(&err))?;
+        if durable {
+            self.log_definition(state, &change)
+                .map_err(|err| refused(&err))?;
+        }
         change.apply(state, settlements);
         Ok(())
     }
@@ -114,12 +118,9 @@ impl Broker {
                 vhost: vhost.to_owned(),
                 name,
             };
-            if exchange.durable {
-                if let Err(err) = self.change_definitions(state, change, settlements) {
-                    warn!(cause = %err.text, "auto-delete exchange kept: its deletion could not be logged");
-                }
-            } else {
-                change.apply(state, settlements);
+            let durable = exchange.durable;
+            if let Err(err) = self.change_definitions(state, change, durable, settlements) {
+                warn!(cause = %err.text, "auto-delete exchange kept: its deletion could not be logged");
             }
         }
     }
@@ -160,11 +161,7 @@ impl Broker {
                 }
             };
             let mut settlements = Settlements::new(&self.store);
-            if durable {
-                self.change_definitions(state, change, &mut settlements)?;
-            } else {
-                change.apply(state, &mut settlements);
-            }
+            self.change_definitions(state, change, durable, &mut settlements)?;
             settlements.apply();
         }
         Ok(!bind

@@ -128,7 +128,7 @@ impl Broker {
                 },
             };
             let mut settlements = Settlements::new(&self.store);
-            self.change_definitions(&mut state, change, &mut settlements)?;
+            self.change_definitions(&mut state, change, true, &mut settlements)?;
             settlements.apply();
             return Ok(());
         }
@@ -199,12 +199,7 @@ impl Broker {
             name: name.to_owned(),
         };
         let mut settlements = Settlements::new(&self.store);
-        let deleted = if durable {
-            self.change_definitions(&mut state, change, &mut settlements)
-        } else {
-            change.apply(&mut state, &mut settlements);
-            Ok(())
-        };
+        let deleted = self.change_definitions(&mut state, change, durable, &mut settlements);
         settlements.apply();
         deleted
     }

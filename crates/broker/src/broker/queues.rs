@@ -118,7 +118,7 @@ impl Broker {
                 },
             };
             let mut settlements = Settlements::new(&self.store);
-            self.change_definitions(&mut state, change, &mut settlements)?;
+            self.change_definitions(&mut state, change, true, &mut settlements)?;
             settlements.apply();
             return Ok(QueueDeclareOk {
                 name,

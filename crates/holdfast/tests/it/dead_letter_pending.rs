@@ -67,6 +67,20 @@ async fn into_a_full_target(channel: &Channel, name: &str) -> String {
     dlq
 }
 
+/// Takes the next message of `queue` and rejects it without requeue.
+async fn reject_next(channel: &Channel, queue: &str) {
+    let message = channel
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .expect("get")
+        .expect("a message");
+    message
+        .delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .expect("reject");
+}
+
 async fn wait_for_count(channel: &Channel, queue: &str, wanted: u32) {
     for _ in 0..250 {
         if message_count(channel, queue).await == wanted {
@@ -89,16 +103,7 @@ async fn a_dead_letter_refused_by_a_full_target_waits_for_room_and_is_not_droppe
 
     // Rejected by its consumer: the target is full.
     publish(&channel, "", "work", b"rejected", true).await;
-    let message = channel
-        .basic_get("work".into(), BasicGetOptions::default())
-        .await
-        .expect("get")
-        .expect("a message");
-    message
-        .delivery
-        .reject(BasicRejectOptions { requeue: false })
-        .await
-        .expect("reject");
+    reject_next(&channel, "work").await;
     // Expired at the head of the queue: the target is still full.
     channel
         .basic_publish(
@@ -148,16 +153,7 @@ async fn a_dead_letter_moved_late_carries_its_x_death_once() {
     let channel = connection.create_channel().await.expect("channel");
     let dlq = into_a_full_target(&channel, "late").await;
     publish(&channel, "", "late", b"m", true).await;
-    let message = channel
-        .basic_get("late".into(), BasicGetOptions::default())
-        .await
-        .expect("get")
-        .expect("a message");
-    message
-        .delivery
-        .reject(BasicRejectOptions { requeue: false })
-        .await
-        .expect("reject");
+    reject_next(&channel, "late").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _filler = get_one(&channel, &dlq).await;
     let moved = get_one(&channel, &dlq).await;
@@ -189,16 +185,7 @@ async fn a_waiting_dead_letter_still_waits_after_kill_9() {
             .await
             .expect("confirm");
         publish_confirmed(&channel, "", "crashy", b"waits").await;
-        let message = channel
-            .basic_get("crashy".into(), BasicGetOptions::default())
-            .await
-            .expect("get")
-            .expect("a message");
-        message
-            .delivery
-            .reject(BasicRejectOptions { requeue: false })
-            .await
-            .expect("reject");
+        reject_next(&channel, "crashy").await;
         // The park record goes out with the next write or housekeeping tick (100 ms).
         tokio::time::sleep(Duration::from_millis(500)).await;
         dlq

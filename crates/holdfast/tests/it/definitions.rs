@@ -44,6 +44,21 @@ async fn try_declare_with(
     Ok(channel)
 }
 
+/// A passive queue.declare on a channel of its own (a 404 closes only that channel).
+async fn passive(connection: &Connection, name: &str) -> Result<lapin::Queue, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// Arguments that make a declare record of about 100 KiB: larger than what a segment
 /// has left after a 64 KiB publish was refused, so the log must roll to take it.
 fn bulky_arguments() -> FieldTable {
@@ -101,18 +116,7 @@ async fn a_declare_on_a_full_disk_is_durable_or_leaves_no_trace() {
     server.kill9();
     server.restart();
     let connection = server.connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    let passive = channel
-        .queue_declare(
-            "precious".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match passive {
+    match passive(&connection, "precious").await {
         Ok(ok) => assert_eq!(
             ok.message_count(),
             confirmed,
@@ -126,21 +130,6 @@ async fn a_declare_on_a_full_disk_is_durable_or_leaves_no_trace() {
             assert!(!declared, "a declare-ok for a queue that did not survive");
         }
     }
-}
-
-async fn passive_exists(connection: &Connection, name: &str) -> bool {
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok()
 }
 
 /// When the log itself cannot take the declare (the disk is full and the record does not
@@ -193,7 +182,7 @@ async fn a_declare_the_log_refuses_leaves_no_trace() {
         println!("attempt {attempt}: {err}");
         let connection = server.connect().await;
         assert!(
-            !passive_exists(&connection, "precious").await,
+            passive(&connection, "precious").await.is_err(),
             "a refused declare left the queue behind"
         );
     }
@@ -226,16 +215,7 @@ async fn a_declare_the_log_refuses_leaves_no_trace() {
     server.kill9();
     server.restart();
     let connection = server.connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    let ok = channel
-        .queue_declare(
-            "precious".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let ok = passive(&connection, "precious")
         .await
         .expect("the queue survived the crash");
     assert_eq!(ok.message_count(), 1);
