@@ -131,20 +131,20 @@ impl Session {
         if nowait {
             return;
         }
-        let mut frames = BytesMut::with_capacity(64);
-        encode_method(&mut frames, channel, &reply);
-        let _ = self.writer.send(WriterItem::AfterDurable {
-            durable_end: self.broker.definitions_end(),
-            frames,
-        });
+        self.send_after_durable(channel, reply, self.broker.definitions_end());
     }
 
     /// Sends a reply that must not overtake the confirms already queued.
     fn send_after_confirms(&self, channel: u16, reply: AMQPClass) {
-        let mut frames = BytesMut::with_capacity(32);
+        self.send_after_durable(channel, reply, self.confirm_horizon);
+    }
+
+    /// Sends a reply once the log is durable up to `durable_end`.
+    fn send_after_durable(&self, channel: u16, reply: AMQPClass, durable_end: u64) {
+        let mut frames = BytesMut::with_capacity(64);
         encode_method(&mut frames, channel, &reply);
         let _ = self.writer.send(WriterItem::AfterDurable {
-            durable_end: self.confirm_horizon,
+            durable_end,
             frames,
         });
     }
