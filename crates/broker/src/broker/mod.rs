@@ -426,6 +426,13 @@ impl Broker {
         settlements.apply();
     }
 
+    /// Runs `look` on the state under the lock: the model test compares every queue's
+    /// contents with its model.
+    #[cfg(test)]
+    pub(crate) fn inspect<R>(&self, look: impl FnOnce(&State) -> R) -> R {
+        look(&self.state.lock())
+    }
+
     /// The store, for reading message bodies and awaiting durability.
     #[must_use]
     pub fn store(&self) -> &Store {

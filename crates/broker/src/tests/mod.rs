@@ -1,5 +1,8 @@
 //! The broker driven without sockets: commands in, outcomes and [`Outbound`] events out.
-//! Includes a model-based property test of acknowledgement bookkeeping across restarts.
+//! Includes a model-based property test of acknowledgement bookkeeping across restarts;
+//! [`model`] holds the wider one, with power cuts.
+
+mod model;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
