@@ -1,13 +1,31 @@
-//! Broker-side deduplication (queue argument `x-message-deduplication`): a window of
-//! recently seen message keys per queue. The key is the `x-deduplication-header` header
-//! or, without it, the `message-id` property. A duplicate is confirmed to its publisher
-//! (the retry succeeds) but not enqueued again.
+//! Broker-side deduplication (`x-message-deduplication` on a queue or an exchange): a
+//! window of recently seen message keys per queue or exchange. The key is the
+//! `x-deduplication-header` header or, without it, the `message-id` property. A
+//! duplicate is confirmed to its publisher (the retry succeeds) but not enqueued again.
 //!
-//! The window is rebuilt from the log after a restart: publish records carry their key,
-//! and a checkpoint record with every window is written from time to time so that keys
-//! of messages whose segments were deleted (consumed long ago) are not forgotten.
+//! Through a deduplicating exchange a publish is all or nothing: the key is remembered
+//! only once every routed queue took the message, so the retry of a refused or
+//! unroutable publish is not taken for a duplicate. (A queue's own window is checked
+//! and recorded where the message is offered to it, in `enqueue`.)
+//!
+//! The windows are rebuilt from the log after a restart: publish records carry their
+//! key and the windows that recorded it, and a checkpoint record with every durable
+//! window is written from time to time so that keys of messages whose segments were
+//! deleted (consumed long ago) are not forgotten.
 
 use std::collections::{HashMap, VecDeque};
+
+use holdfast_store::LogPosition;
+use tracing::error;
+
+use crate::QueueId;
+use crate::arguments::Overflow;
+use crate::enqueue::{Message, now_ms};
+use crate::record::{WindowSnapshot, encode_dedup_checkpoint};
+use crate::state::State;
+
+/// How often deduplication windows are checkpointed at most, ms.
+const DEDUP_CHECKPOINT_INTERVAL: u64 = 1000;
 
 /// Keys kept when `x-cache-size` is not given.
 pub const DEFAULT_CACHE_SIZE: usize = 10_000;
@@ -93,6 +111,192 @@ impl DedupWindow {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.seen.len()
+    }
+}
+
+/// What an exchange's deduplication window said about a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeDedup {
+    /// The exchange does not deduplicate (or does not exist).
+    NotDeduplicating,
+    /// Seen before: confirm, do not route.
+    Duplicate,
+    /// A key not seen yet; the scope to persist it under, for a durable exchange.
+    New(Option<QueueId>),
+}
+
+impl State {
+    /// Checks a message key against the exchange's deduplication window, without
+    /// recording it: the key is remembered only once the publish has been taken whole
+    /// ([`State::exchange_dedup_record`]).
+    pub fn exchange_dedup(
+        &mut self,
+        vhost: &str,
+        exchange: &str,
+        key: &[u8],
+        now: u64,
+    ) -> ExchangeDedup {
+        let Some(exchange) = self
+            .vhosts
+            .get_mut(vhost)
+            .and_then(|v| v.exchanges.get_mut(exchange))
+        else {
+            return ExchangeDedup::NotDeduplicating;
+        };
+        let Some(window) = exchange.dedup.as_mut() else {
+            return ExchangeDedup::NotDeduplicating;
+        };
+        if window.seen(key, now) {
+            ExchangeDedup::Duplicate
+        } else {
+            ExchangeDedup::New(exchange.dedup_scope.filter(|_| exchange.durable))
+        }
+    }
+
+    /// Records `key` in the exchange's window: every target took the message.
+    pub fn exchange_dedup_record(&mut self, vhost: &str, exchange: &str, key: &[u8], now: u64) {
+        if let Some(window) = self
+            .vhosts
+            .get_mut(vhost)
+            .and_then(|v| v.exchanges.get_mut(exchange))
+            .and_then(|e| e.dedup.as_mut())
+        {
+            window.insert(key.to_vec(), now);
+        }
+    }
+
+    /// For an all-or-nothing publish (through a deduplicating exchange): whether some
+    /// target would refuse the message for being full. Each refusing queue counts it.
+    /// A queue that already holds the key takes nothing, so it refuses nothing either.
+    pub fn refused_by_any(&mut self, message: &Message<'_>, targets: &[QueueId]) -> bool {
+        let body_size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
+        let mut refused = Vec::new();
+        for id in targets {
+            let Some(queue) = self.queues.get_mut(id) else {
+                continue;
+            };
+            let duplicate = match (queue.dedup.as_mut(), message.dedup_key) {
+                (Some(window), Some(key)) => window.seen(key, message.published_at),
+                _ => false,
+            };
+            if !duplicate
+                && queue.policy.overflow != Overflow::DropHead
+                && queue.is_full_for(body_size)
+            {
+                refused.push(*id);
+            }
+        }
+        for id in &refused {
+            if let Some(queue) = self.queues.get_mut(id) {
+                queue.stats.refused += 1;
+            }
+        }
+        !refused.is_empty()
+    }
+
+    /// Puts the replayed keys (the last checkpoint's, then those of later publish
+    /// records) back into their windows, and keeps the checkpoint record pinned.
+    pub fn restore_dedup_windows(
+        &mut self,
+        keys: HashMap<QueueId, VecDeque<(Vec<u8>, u64)>>,
+        checkpoint: Option<LogPosition>,
+    ) {
+        for (scope, keys) in keys {
+            // A scope is a queue id or the id of an exchange's window.
+            let window = match self.queues.get_mut(&scope) {
+                Some(queue) => queue.dedup.as_mut(),
+                None => self
+                    .vhosts
+                    .values_mut()
+                    .flat_map(|vhost| vhost.exchanges.values_mut())
+                    .find(|exchange| exchange.dedup_scope == Some(scope))
+                    .and_then(|exchange| exchange.dedup.as_mut()),
+            };
+            if let Some(window) = window {
+                for (key, at) in keys {
+                    window.insert(key, at);
+                }
+            }
+        }
+        if let Some(position) = checkpoint {
+            self.store.retain(position);
+            self.dedup_checkpoint = Some((position, now_ms()));
+        }
+    }
+
+    /// Writes every durable queue's deduplication window as one record when one has
+    /// changed (at most once a second), so keys outlive the segments of their messages.
+    /// The record holds a reference, which keeps it; the previous one is let go.
+    pub fn checkpoint_dedup_windows(&mut self, now: u64) {
+        if self
+            .dedup_checkpoint
+            .is_some_and(|(_, at)| now.saturating_sub(at) < DEDUP_CHECKPOINT_INTERVAL)
+        {
+            return;
+        }
+        let dirty = self
+            .queues
+            .values()
+            .any(|q| q.durable && q.dedup.as_ref().is_some_and(|w| w.dirty))
+            || self.vhosts.values().any(|v| {
+                v.exchanges
+                    .values()
+                    .any(|e| e.durable && e.dedup.as_ref().is_some_and(|w| w.dirty))
+            });
+        // An old checkpoint pins its segment and, since segments go oldest first, every
+        // later one: rewrite it once the log has moved a segment past it.
+        let stale = self.dedup_checkpoint.is_some_and(|(position, _)| {
+            self.store.stats().written.saturating_sub(position.0) > self.segment_size
+        });
+        if !dirty && !stale {
+            return;
+        }
+        let mut windows: Vec<WindowSnapshot<'_>> = Vec::new();
+        for queue in self.queues.values_mut() {
+            if !queue.durable || queue.exclusive_owner.is_some() {
+                continue;
+            }
+            if let Some(window) = queue.dedup.as_mut() {
+                window.dirty = false;
+                windows.push((
+                    queue.id,
+                    window
+                        .entries(now)
+                        .map(|(k, at)| (k.as_slice(), *at))
+                        .collect(),
+                ));
+            }
+        }
+        for exchange in self
+            .vhosts
+            .values_mut()
+            .flat_map(|v| v.exchanges.values_mut())
+        {
+            if !exchange.durable {
+                continue;
+            }
+            if let (Some(window), Some(scope)) = (exchange.dedup.as_mut(), exchange.dedup_scope) {
+                window.dirty = false;
+                windows.push((
+                    scope,
+                    window
+                        .entries(now)
+                        .map(|(k, at)| (k.as_slice(), *at))
+                        .collect(),
+                ));
+            }
+        }
+        // The previous checkpoint is released right after; the store deletes its segment
+        // only once the log is durable past this one.
+        match self.store.append(&encode_dedup_checkpoint(&windows), 1) {
+            Ok(appended) => {
+                if let Some((previous, _)) = self.dedup_checkpoint.replace((appended.position, now))
+                {
+                    self.store.release(previous);
+                }
+            }
+            Err(err) => error!(cause = %err, "deduplication checkpoint could not be written"),
+        }
     }
 }
 

@@ -67,17 +67,6 @@ pub struct Message<'a> {
     pub published_at: u64,
 }
 
-/// What an exchange's deduplication window said about a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExchangeDedup {
-    /// The exchange does not deduplicate (or does not exist).
-    NotDeduplicating,
-    /// Seen before: confirm, do not route.
-    Duplicate,
-    /// A key not seen yet; the scope to persist it under, for a durable exchange.
-    New(Option<QueueId>),
-}
-
 /// Routing failed in a way the publisher must hear about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteError {
@@ -367,74 +356,6 @@ impl State {
                 return;
             }
         }
-    }
-
-    /// Checks a message key against the exchange's deduplication window, without
-    /// recording it: the key is remembered only once the publish has been taken whole
-    /// ([`State::exchange_dedup_record`]).
-    pub fn exchange_dedup(
-        &mut self,
-        vhost: &str,
-        exchange: &str,
-        key: &[u8],
-        now: u64,
-    ) -> ExchangeDedup {
-        let Some(exchange) = self
-            .vhosts
-            .get_mut(vhost)
-            .and_then(|v| v.exchanges.get_mut(exchange))
-        else {
-            return ExchangeDedup::NotDeduplicating;
-        };
-        let Some(window) = exchange.dedup.as_mut() else {
-            return ExchangeDedup::NotDeduplicating;
-        };
-        if window.seen(key, now) {
-            ExchangeDedup::Duplicate
-        } else {
-            ExchangeDedup::New(exchange.dedup_scope.filter(|_| exchange.durable))
-        }
-    }
-
-    /// Records `key` in the exchange's window: every target took the message.
-    pub fn exchange_dedup_record(&mut self, vhost: &str, exchange: &str, key: &[u8], now: u64) {
-        if let Some(window) = self
-            .vhosts
-            .get_mut(vhost)
-            .and_then(|v| v.exchanges.get_mut(exchange))
-            .and_then(|e| e.dedup.as_mut())
-        {
-            window.insert(key.to_vec(), now);
-        }
-    }
-
-    /// For an all-or-nothing publish (through a deduplicating exchange): whether some
-    /// target would refuse the message for being full. Each refusing queue counts it.
-    /// A queue that already holds the key takes nothing, so it refuses nothing either.
-    pub fn refused_by_any(&mut self, message: &Message<'_>, targets: &[QueueId]) -> bool {
-        let body_size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
-        let mut refused = Vec::new();
-        for id in targets {
-            let Some(queue) = self.queues.get_mut(id) else {
-                continue;
-            };
-            let duplicate = match (queue.dedup.as_mut(), message.dedup_key) {
-                (Some(window), Some(key)) => window.seen(key, message.published_at),
-                _ => false,
-            };
-            if !duplicate
-                && queue.policy.overflow != Overflow::DropHead
-                && queue.is_full_for(body_size)
-            {
-                refused.push(*id);
-            }
-        }
-        for id in &refused {
-            if let Some(queue) = self.queues.get_mut(id) {
-                queue.stats.refused += 1;
-            }
-        }
-        !refused.is_empty()
     }
 
     /// For a publish to an `x-delayed-message` exchange with a positive `x-delay`

@@ -1,18 +1,26 @@
-//! Rebuilding queue contents from the log after a restart.
+//! Rebuilding the broker's state from the log after a restart.
 //!
 //! Every publish record names the durable queues that must get it back; every ack record
 //! removes one queue's reference. Replaying both in log order leaves exactly the
 //! messages that were not acknowledged. Entries are kept per queue in log order (publish
 //! order), so an ack finds its entry by binary search instead of a global map.
+//! [`Replay::into_state`] then builds the state: definitions from their checkpoint and
+//! later records, the queue id counter past every id the log names, deduplication
+//! windows, and each queue's messages (a parked dead letter waits again).
 
 use std::collections::{HashMap, VecDeque};
 
-use holdfast_store::LogPosition;
+use holdfast_store::{LogPosition, Store};
+use tracing::info;
 
-use crate::QueueId;
-use crate::definitions::DefinitionChange;
-use crate::queue::{MessageRef, QueueEntry};
+use crate::dead_letter::DeathReason;
+use crate::definitions::{DefinitionChange, Definitions};
+use crate::enqueue::expiry;
+use crate::error::BrokerError;
+use crate::queue::{MessageRef, PendingDeadLetter, QueueEntry};
 use crate::record::{Replayed, replay};
+use crate::state::{Settlements, State, VHost};
+use crate::{DEFAULT_VHOST, QueueId};
 
 #[derive(Debug, Clone, Copy)]
 struct Recovered {
@@ -181,6 +189,102 @@ impl Replay {
                 (queue, live)
             })
             .collect()
+    }
+}
+
+impl Replay {
+    /// The broker's state as the log (and the definitions checkpoint) left it.
+    ///
+    /// # Errors
+    /// [`BrokerError::UnknownRecord`] when the log holds a record this version cannot
+    /// interpret (skipping it could drop acks or moves silently); the errors of reading
+    /// the definitions checkpoint.
+    pub fn into_state(
+        mut self,
+        store: &Store,
+        consumer_timeout: u64,
+        segment_size: u64,
+        sync_definitions: bool,
+    ) -> Result<State, BrokerError> {
+        if let Some((kind, position)) = self.first_unknown {
+            return Err(BrokerError::UnknownRecord {
+                kind,
+                position: position.0,
+                count: self.unknown_records,
+            });
+        }
+        let mut state = State::new(store.clone(), consumer_timeout, segment_size);
+        state.sync_definitions = sync_definitions;
+        state
+            .vhosts
+            .insert(DEFAULT_VHOST.to_owned(), VHost::with_builtin_exchanges());
+        let checkpoint: Option<Definitions> = match store.read_definitions()? {
+            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(BrokerError::Definitions)?),
+            None => None,
+        };
+        let mut settlements = Settlements::new(store);
+        let changes = std::mem::take(&mut self.definition_changes);
+        restore_definitions(&mut state, checkpoint, changes, &mut settlements);
+        settlements.apply();
+        // Everything recovered counts as logged before any reply from now on.
+        state.definitions_end = store.stats().written;
+        state.next_queue_id = state.next_queue_id.max(self.max_queue_id + 1);
+        state.restore_dedup_windows(std::mem::take(&mut self.dedup_keys), self.dedup_checkpoint);
+        let mut recovered_messages = 0u64;
+        for (queue_id, entries) in self.take_queues() {
+            let Some(queue) = state.queues.get_mut(&queue_id) else {
+                continue;
+            };
+            for recovered in entries {
+                let mut entry = recovered.entry;
+                entry.expires_at = expiry(
+                    recovered.published_at,
+                    queue.policy.message_ttl,
+                    recovered.expiration,
+                );
+                store.retain(entry.message.position);
+                recovered_messages += 1;
+                // A dead letter that was waiting for a target waits again.
+                match recovered.parked.and_then(DeathReason::from_code) {
+                    Some(reason) => queue.dead_letter_pending.push_back(PendingDeadLetter {
+                        entry,
+                        reason,
+                        attempts: 0,
+                        due_at: 0,
+                    }),
+                    None => queue.push(entry),
+                }
+            }
+        }
+        store.collect_garbage();
+        info!(
+            queues = state.queues.len(),
+            messages = recovered_messages,
+            "broker state recovered"
+        );
+        Ok(state)
+    }
+}
+
+/// Rebuilds the definitions from the checkpoint and the change records past it, which
+/// stay pinned until the next checkpoint.
+fn restore_definitions(
+    state: &mut State,
+    checkpoint: Option<Definitions>,
+    changes: Vec<(LogPosition, DefinitionChange)>,
+    settlements: &mut Settlements<'_>,
+) {
+    let as_of = checkpoint.as_ref().map_or(0, |c| c.as_of);
+    if let Some(checkpoint) = checkpoint {
+        checkpoint.restore(state, settlements);
+    }
+    for (position, change) in changes {
+        if position.0 < as_of {
+            continue;
+        }
+        change.apply(state, settlements);
+        state.store.retain(position);
+        state.definition_records.push(position);
     }
 }
 

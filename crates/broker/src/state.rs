@@ -14,7 +14,7 @@ use crate::enqueue::now_ms;
 use crate::exchange::{Destination, Exchange, ExchangeKind};
 use crate::outbound::Outbound;
 use crate::queue::{Queue, QueueEntry};
-use crate::record::{WindowSnapshot, encode_ack, encode_dedup_checkpoint, encode_requeue};
+use crate::record::{encode_ack, encode_requeue};
 use crate::{ChannelKey, ConnectionId, QueueId};
 
 /// The maps behind the broker lock, looked up several times per message: foldhash
@@ -106,9 +106,6 @@ pub struct State {
     pub sync_definitions: bool,
 }
 
-/// How often deduplication windows are checkpointed at most, ms.
-const DEDUP_CHECKPOINT_INTERVAL: u64 = 1000;
-
 impl State {
     /// Empty state over `store`.
     pub fn new(store: Store, consumer_timeout: u64, segment_size: u64) -> State {
@@ -154,81 +151,6 @@ impl State {
                 }
             }
             self.dispatch(queue_id, settlements);
-        }
-    }
-
-    /// Writes every durable queue's deduplication window as one record when one has
-    /// changed (at most once a second), so keys outlive the segments of their messages.
-    /// The record holds a reference, which keeps it; the previous one is let go.
-    pub fn checkpoint_dedup_windows(&mut self, now: u64) {
-        if self
-            .dedup_checkpoint
-            .is_some_and(|(_, at)| now.saturating_sub(at) < DEDUP_CHECKPOINT_INTERVAL)
-        {
-            return;
-        }
-        let dirty = self
-            .queues
-            .values()
-            .any(|q| q.durable && q.dedup.as_ref().is_some_and(|w| w.dirty))
-            || self.vhosts.values().any(|v| {
-                v.exchanges
-                    .values()
-                    .any(|e| e.durable && e.dedup.as_ref().is_some_and(|w| w.dirty))
-            });
-        // An old checkpoint pins its segment and, since segments go oldest first, every
-        // later one: rewrite it once the log has moved a segment past it.
-        let stale = self.dedup_checkpoint.is_some_and(|(position, _)| {
-            self.store.stats().written.saturating_sub(position.0) > self.segment_size
-        });
-        if !dirty && !stale {
-            return;
-        }
-        let mut windows: Vec<WindowSnapshot<'_>> = Vec::new();
-        for queue in self.queues.values_mut() {
-            if !queue.durable || queue.exclusive_owner.is_some() {
-                continue;
-            }
-            if let Some(window) = queue.dedup.as_mut() {
-                window.dirty = false;
-                windows.push((
-                    queue.id,
-                    window
-                        .entries(now)
-                        .map(|(k, at)| (k.as_slice(), *at))
-                        .collect(),
-                ));
-            }
-        }
-        for exchange in self
-            .vhosts
-            .values_mut()
-            .flat_map(|v| v.exchanges.values_mut())
-        {
-            if !exchange.durable {
-                continue;
-            }
-            if let (Some(window), Some(scope)) = (exchange.dedup.as_mut(), exchange.dedup_scope) {
-                window.dirty = false;
-                windows.push((
-                    scope,
-                    window
-                        .entries(now)
-                        .map(|(k, at)| (k.as_slice(), *at))
-                        .collect(),
-                ));
-            }
-        }
-        // The previous checkpoint is released right after; the store deletes its segment
-        // only once the log is durable past this one.
-        match self.store.append(&encode_dedup_checkpoint(&windows), 1) {
-            Ok(appended) => {
-                if let Some((previous, _)) = self.dedup_checkpoint.replace((appended.position, now))
-                {
-                    self.store.release(previous);
-                }
-            }
-            Err(err) => error!(cause = %err, "deduplication checkpoint could not be written"),
         }
     }
 }

@@ -7,7 +7,8 @@ use super::{
     not_found_queue, random_suffix,
 };
 use crate::channel::Unacked;
-use crate::enqueue::{ExchangeDedup, Message, RouteError, now_ms};
+use crate::dedup::ExchangeDedup;
+use crate::enqueue::{Message, RouteError, now_ms};
 use crate::error::{AmqpException, AmqpResult, ReplyCode};
 use crate::queue::Consumer;
 use crate::state::Disposition;

@@ -4,7 +4,7 @@
 //! a checkpoint of them, written when the records it replaces would otherwise pin old
 //! segments.
 
-use holdfast_store::{LogPosition, StoreError};
+use holdfast_store::StoreError;
 use tracing::{error, warn};
 
 use super::Broker;
@@ -207,28 +207,6 @@ impl Broker {
             Err(err) => {
                 error!(cause = %err, "definitions checkpoint could not be written; retried later")
             }
-        }
-    }
-
-    /// At open: rebuilds the definitions from the checkpoint and the change records past
-    /// it, which stay pinned until the next checkpoint.
-    pub(super) fn restore_definitions(
-        state: &mut State,
-        checkpoint: Option<Definitions>,
-        changes: Vec<(LogPosition, DefinitionChange)>,
-        settlements: &mut Settlements<'_>,
-    ) {
-        let as_of = checkpoint.as_ref().map_or(0, |c| c.as_of);
-        if let Some(checkpoint) = checkpoint {
-            checkpoint.restore(state, settlements);
-        }
-        for (position, change) in changes {
-            if position.0 < as_of {
-                continue;
-            }
-            change.apply(state, settlements);
-            state.store.retain(position);
-            state.definition_records.push(position);
         }
     }
 }

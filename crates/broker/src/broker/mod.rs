@@ -24,16 +24,14 @@ use tracing::{info, warn};
 
 use crate::alarm::{AlarmConfig, Alarms};
 use crate::channel::ChannelState;
-use crate::dead_letter::DeathReason;
-use crate::definitions::Definitions;
-use crate::enqueue::{expiry, now_ms};
+use crate::enqueue::now_ms;
 use crate::error::{AmqpException, AmqpResult, BrokerError, ReplyCode};
 use crate::outbound::Outbound;
 use crate::queue::MessageRef;
 use crate::record::{StoredMessage, decode_message};
 use crate::recovery::Replay;
-use crate::state::{ConnectionState, Disposition, Settlements, State, VHost};
-use crate::{ChannelKey, ConnectionId, DEFAULT_VHOST, OutboundSink, QueueId};
+use crate::state::{ConnectionState, Disposition, Settlements, State};
+use crate::{ChannelKey, ConnectionId, OutboundSink, QueueId};
 
 /// How to open the broker.
 #[derive(Debug, Clone)]
@@ -252,90 +250,14 @@ impl Broker {
     ) -> Result<Arc<Broker>, BrokerError> {
         let mut replay = Replay::default();
         let store = open_store(&mut |position, payload| replay.visit(position, payload))?;
-        if let Some((kind, position)) = replay.first_unknown {
-            return Err(BrokerError::UnknownRecord {
-                kind,
-                position: position.0,
-                count: replay.unknown_records,
-            });
-        }
         let consumer_timeout =
             u64::try_from(config.consumer_timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut state = State::new(store.clone(), consumer_timeout, config.store.segment_size);
-        state.sync_definitions = config.store.fsync != holdfast_store::FsyncPolicy::Always;
-        state
-            .vhosts
-            .insert(DEFAULT_VHOST.to_owned(), VHost::with_builtin_exchanges());
-        let checkpoint: Option<Definitions> = match store.read_definitions()? {
-            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(BrokerError::Definitions)?),
-            None => None,
-        };
-        {
-            let mut settlements = Settlements::new(&store);
-            let changes = std::mem::take(&mut replay.definition_changes);
-            Broker::restore_definitions(&mut state, checkpoint, changes, &mut settlements);
-            settlements.apply();
-        }
-        // Everything recovered counts as logged before any reply from now on.
-        state.definitions_end = store.stats().written;
-        state.next_queue_id = state.next_queue_id.max(replay.max_queue_id + 1);
-        let mut recovered_messages = 0u64;
-        for (scope, keys) in std::mem::take(&mut replay.dedup_keys) {
-            // A scope is a queue id or the id of an exchange's window.
-            let window = match state.queues.get_mut(&scope) {
-                Some(queue) => queue.dedup.as_mut(),
-                None => state
-                    .vhosts
-                    .values_mut()
-                    .flat_map(|vhost| vhost.exchanges.values_mut())
-                    .find(|exchange| exchange.dedup_scope == Some(scope))
-                    .and_then(|exchange| exchange.dedup.as_mut()),
-            };
-            if let Some(window) = window {
-                for (key, at) in keys {
-                    window.insert(key, at);
-                }
-            }
-        }
-        if let Some(position) = replay.dedup_checkpoint {
-            store.retain(position);
-            state.dedup_checkpoint = Some((position, now_ms()));
-        }
-        for (queue_id, entries) in replay.take_queues() {
-            let Some(queue) = state.queues.get_mut(&queue_id) else {
-                continue;
-            };
-            for recovered in entries {
-                let mut entry = recovered.entry;
-                entry.expires_at = expiry(
-                    recovered.published_at,
-                    queue.policy.message_ttl,
-                    recovered.expiration,
-                );
-                store.retain(entry.message.position);
-                recovered_messages += 1;
-                // A dead letter that was waiting for a target waits again.
-                match recovered.parked.and_then(DeathReason::from_code) {
-                    Some(reason) => {
-                        queue
-                            .dead_letter_pending
-                            .push_back(crate::queue::PendingDeadLetter {
-                                entry,
-                                reason,
-                                attempts: 0,
-                                due_at: 0,
-                            });
-                    }
-                    None => queue.push(entry),
-                }
-            }
-        }
-        store.collect_garbage();
-        info!(
-            queues = state.queues.len(),
-            messages = recovered_messages,
-            "broker state recovered"
-        );
+        let state = replay.into_state(
+            &store,
+            consumer_timeout,
+            config.store.segment_size,
+            config.store.fsync != holdfast_store::FsyncPolicy::Always,
+        )?;
         let broker = Arc::new(Broker {
             state: Mutex::new(state),
             store,
