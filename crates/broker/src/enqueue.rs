@@ -6,16 +6,16 @@
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use holdfast_codec::{FieldTable, decode_properties};
+use holdfast_codec::FieldTable;
 use holdfast_store::StoreError;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::QueueId;
 use crate::arguments::Overflow;
 use crate::dead_letter::DeathReason;
 use crate::exchange::Destination;
 use crate::queue::{MessageRef, QueueEntry};
-use crate::record::{NewPublish, decode_message, encode_publish};
+use crate::record::{NewPublish, encode_publish};
 use crate::state::{Settlements, State};
 
 /// Milliseconds since the UNIX epoch: TTLs are wall-clock, so they survive restarts.
@@ -354,152 +354,6 @@ impl State {
             };
             if !self.dead_letter(queue_id, entry, DeathReason::Expired, settlements) {
                 return;
-            }
-        }
-    }
-
-    /// For a publish to an `x-delayed-message` exchange with a positive `x-delay`
-    /// header: the exchange's delay queue and the delay in ms.
-    #[must_use]
-    pub fn delay_for_publish(
-        &self,
-        vhost: &str,
-        exchange: &str,
-        headers: Option<&FieldTable>,
-    ) -> Option<(QueueId, u64)> {
-        // The header first: nearly every publish has none, and that costs no lookups.
-        let value = headers?.inner().get("x-delay")?;
-        let delay_queue = self
-            .vhosts
-            .get(vhost)?
-            .exchanges
-            .get(exchange)?
-            .delay_queue?;
-        let delay: i128 = match crate::arguments::integer(value) {
-            Some(delay) => delay,
-            None => crate::arguments::text(value)?.trim().parse().ok()?,
-        };
-        u64::try_from(delay)
-            .ok()
-            .filter(|d| *d > 0)
-            .map(|d| (delay_queue, d))
-    }
-
-    /// Creates the hidden queue of an `x-delayed-message` exchange.
-    pub fn create_delay_queue(&mut self, vhost: &str, exchange: &str, durable: bool) -> QueueId {
-        let id = QueueId(self.next_queue_id.max(1));
-        self.next_queue_id = id.0 + 1;
-        let mut queue = crate::queue::Queue::new(
-            id,
-            format!("amq.delayed.{exchange}"),
-            vhost.to_owned(),
-            durable,
-            None,
-            false,
-            FieldTable::default(),
-            crate::arguments::QueuePolicy::default(),
-            now_ms(),
-        );
-        queue.delay_for = Some(exchange.to_owned());
-        self.queues.insert(id, queue);
-        id
-    }
-
-    /// Routes the messages of delayed exchanges whose delay has passed. Each move is one
-    /// record (the routed copy plus removal from the delay queue), like a dead-letter
-    /// move, so a crash never loses or doubles one.
-    pub fn release_delayed(&mut self, now: u64, settlements: &mut Settlements<'_>) {
-        let delay_queues: Vec<QueueId> = self
-            .queues
-            .values()
-            .filter(|q| q.delay_for.is_some() && q.ready.iter().any(|e| e.expires_at <= now))
-            .map(|q| q.id)
-            .collect();
-        for queue_id in delay_queues {
-            let Some(queue) = self.queues.get_mut(&queue_id) else {
-                continue;
-            };
-            let exchange = queue.delay_for.clone().unwrap_or_default();
-            let vhost = queue.vhost.clone();
-            let mut due = Vec::new();
-            let mut waiting = std::collections::VecDeque::with_capacity(queue.ready.len());
-            while let Some(entry) = queue.pop() {
-                if entry.expires_at <= now {
-                    due.push(entry);
-                } else {
-                    waiting.push_back(entry);
-                }
-            }
-            for entry in waiting {
-                queue.push(entry);
-            }
-            for entry in due {
-                self.release_one(queue_id, &vhost, &exchange, entry, now, settlements);
-            }
-        }
-    }
-
-    fn release_one(
-        &mut self,
-        queue_id: QueueId,
-        vhost: &str,
-        exchange: &str,
-        entry: QueueEntry,
-        now: u64,
-        settlements: &mut Settlements<'_>,
-    ) {
-        let stored = self
-            .store
-            .read(entry.message.position, entry.message.len)
-            .ok()
-            .and_then(|record| decode_message(&record));
-        let Some(stored) = stored else {
-            warn!(exchange, "delayed message unreadable; dropped");
-            settlements.settle(queue_id, &entry);
-            return;
-        };
-        let Ok(properties) = decode_properties(&stored.properties) else {
-            settlements.settle(queue_id, &entry);
-            return;
-        };
-        let routing_key = String::from_utf8_lossy(&stored.routing_key).into_owned();
-        let headers = properties.headers().clone();
-        let targets = self
-            .route(vhost, exchange, &routing_key, headers.as_ref())
-            .unwrap_or_default();
-        if targets.is_empty() {
-            debug!(exchange, "delayed message routed nowhere when due; dropped");
-            settlements.settle(queue_id, &entry);
-            return;
-        }
-        let expiration = properties
-            .expiration()
-            .as_ref()
-            .and_then(|text| text.as_str().parse().ok());
-        let settles: Vec<(QueueId, u64)> = if entry.recoverable {
-            vec![(queue_id, entry.message.position.0)]
-        } else {
-            Vec::new()
-        };
-        let message = Message {
-            exchange,
-            routing_key: &routing_key,
-            persistent: properties.delivery_mode() == &Some(2),
-            headers: headers.as_ref(),
-            properties: &stored.properties,
-            body: &stored.body,
-            expiration,
-            dedup_key: None,
-            dedup_scope: None,
-            published_at: now,
-        };
-        match self.enqueue(&message, &targets, &settles, settlements) {
-            Ok(_) => settlements.release(entry.message.position),
-            Err(err) => {
-                warn!(cause = %err, "delayed message could not be released; kept");
-                if let Some(queue) = self.queues.get_mut(&queue_id) {
-                    queue.push(entry);
-                }
             }
         }
     }

@@ -16,6 +16,7 @@ mod channel;
 mod dead_letter;
 mod dedup;
 mod definitions;
+mod delayed;
 mod enqueue;
 mod error;
 mod exchange;

@@ -125,34 +125,6 @@ impl State {
             sync_definitions: false,
         }
     }
-
-    /// Returns held-back retries whose redelivery delay has passed to their queues.
-    pub fn release_held(&mut self, now: u64, settlements: &mut Settlements<'_>) {
-        let due: Vec<QueueId> = self
-            .queues
-            .values()
-            .filter(|q| {
-                q.held
-                    .first_key_value()
-                    .is_some_and(|((at, _), _)| *at <= now)
-            })
-            .map(|q| q.id)
-            .collect();
-        for queue_id in due {
-            if let Some(queue) = self.queues.get_mut(&queue_id) {
-                while queue
-                    .held
-                    .first_key_value()
-                    .is_some_and(|((at, _), _)| *at <= now)
-                {
-                    if let Some((_, entry)) = queue.held.pop_first() {
-                        queue.requeue(entry);
-                    }
-                }
-            }
-            self.dispatch(queue_id, settlements);
-        }
-    }
 }
 
 /// What becomes of deliveries taken off a channel.
@@ -394,9 +366,8 @@ impl State {
                     settlements.count_requeue(unacked.queue, &entry);
                     match queue.policy.redelivery_delay {
                         Some(backoff) if disposition == Disposition::Retry => {
-                            let due = now_ms().saturating_add(backoff.delay(entry.delivery_count));
-                            entry.redelivered = true;
-                            queue.held.insert((due, entry.message.position.0), entry);
+                            let delay = backoff.delay(entry.delivery_count);
+                            queue.hold_for_retry(entry, now_ms().saturating_add(delay));
                         }
                         _ => queue.requeue(entry),
                     }
