@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use holdfast_store::LogPosition;
+use holdfast_store::{Durability, LogPosition};
 use tracing::error;
 
 use crate::QueueId;
@@ -288,7 +288,10 @@ impl State {
         }
         // The previous checkpoint is released right after; the store deletes its segment
         // only once the log is durable past this one.
-        match self.store.append(&encode_dedup_checkpoint(&windows), 1) {
+        match self
+            .store
+            .append(&encode_dedup_checkpoint(&windows), 1, Durability::Requested)
+        {
             Ok(appended) => {
                 if let Some((previous, _)) = self.dedup_checkpoint.replace((appended.position, now))
                 {

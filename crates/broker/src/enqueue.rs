@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use holdfast_codec::FieldTable;
-use holdfast_store::StoreError;
+use holdfast_store::{Durability, StoreError};
 use tracing::warn;
 
 use crate::QueueId;
@@ -245,13 +245,13 @@ impl State {
             // Only a message some queue must recover asks for an fsync of its own; the
             // rest (transient messages, copies nobody waits for) ride along with the next.
             let written = if !durable_queues.is_empty() {
-                self.store.append(&record, refs)
+                self.store.append(&record, refs, Durability::Requested)
             } else if settles.is_empty() && dedup_scopes.is_empty() {
                 // Nothing here is ever recovered (no durable copy, no removal of a durable
                 // original, no dedup key of a durable queue): the record only serves reads.
-                self.store.append_volatile(&record, refs)
+                self.store.append(&record, refs, Durability::Volatile)
             } else {
-                self.store.append_lazy(&record, refs)
+                self.store.append(&record, refs, Durability::Lazy)
             };
             let appended = match written {
                 Ok(appended) => appended,

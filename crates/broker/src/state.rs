@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use holdfast_codec::FieldTable;
-use holdfast_store::Store;
+use holdfast_store::{Durability, Store};
 use tracing::error;
 
 use crate::channel::{ChannelState, Unacked};
@@ -206,7 +206,7 @@ impl<'a> Settlements<'a> {
     pub fn apply(self) {
         let store = self.store;
         if !self.requeues.is_empty()
-            && let Err(err) = store.append_lazy(&encode_requeue(&self.requeues), 0)
+            && let Err(err) = store.append(&encode_requeue(&self.requeues), 0, Durability::Lazy)
         {
             error!(cause = %err, "requeue record could not be written");
         }

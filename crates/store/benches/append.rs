@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use holdfast_store::{FsyncPolicy, Store, StoreConfig};
+use holdfast_store::{Durability, FsyncPolicy, Store, StoreConfig};
 
 const RECORD: usize = 1024;
 
@@ -36,7 +36,13 @@ fn append_never(c: &mut Criterion) {
     let mut group = c.benchmark_group("append");
     group.throughput(Throughput::Bytes(RECORD as u64));
     group.bench_function("never_1KiB", |b| {
-        b.iter(|| black_box(store.append(&payload, 0).expect("append")));
+        b.iter(|| {
+            black_box(
+                store
+                    .append(&payload, 0, Durability::Requested)
+                    .expect("append"),
+            )
+        });
     });
     group.finish();
     store.shutdown().expect("shutdown");
@@ -57,7 +63,9 @@ fn durable_appends(store: &Store, threads: u64, iters: u64) -> Duration {
                     .build()
                     .expect("runtime");
                 for _ in 0..count {
-                    let appended = store.append(payload, 0).expect("append");
+                    let appended = store
+                        .append(payload, 0, Durability::Requested)
+                        .expect("append");
                     runtime
                         .block_on(store.wait_durable(appended.end))
                         .expect("durable");

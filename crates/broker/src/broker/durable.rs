@@ -4,7 +4,7 @@
 //! a checkpoint of them, written when the records it replaces would otherwise pin old
 //! segments.
 
-use holdfast_store::StoreError;
+use holdfast_store::{Durability, StoreError};
 use tracing::{error, warn};
 
 use super::Broker;
@@ -35,9 +35,11 @@ impl Broker {
         state: &mut State,
         change: &DefinitionChange,
     ) -> Result<(), StoreError> {
-        let appended = self
-            .store
-            .append(&encode_definition(&change.to_json()), 1)?;
+        let appended = self.store.append(
+            &encode_definition(&change.to_json()),
+            1,
+            Durability::Requested,
+        )?;
         if state.sync_definitions {
             // A declare-ok is a promise under every fsync policy, as it always was.
             self.store.sync_all()?;

@@ -421,7 +421,9 @@ fn a_record_of_an_unknown_kind_refuses_the_open() {
     };
     {
         let store = holdfast_store::Store::open(config.clone(), |_, _| {}).expect("store");
-        store.append(&[0x7f, 1, 2, 3], 0).expect("append");
+        store
+            .append(&[0x7f, 1, 2, 3], 0, holdfast_store::Durability::Requested)
+            .expect("append");
         store.shutdown().expect("shutdown");
     }
     let refused = match Broker::open(BrokerConfig::new(config)) {

@@ -164,14 +164,16 @@ struct Writer {
     shutdown: bool,
 }
 
-/// What an append's caller needs of its write.
+/// What the writer of a record needs of its write ([`Store::append`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Durability {
-    /// Confirmable once fsynced: the flusher is asked to sync it.
+pub enum Durability {
+    /// Someone waits for it (a publisher confirm): the flusher is asked to fsync it.
     Requested,
-    /// No fsync of its own, but handed to the OS before the append returns.
+    /// Nobody waits for it (an ack, a copy nobody confirms): no fsync of its own, it
+    /// becomes durable with the next requested one or at shutdown; a crash may lose it.
     Lazy,
-    /// Neither: no recovery needs it.
+    /// No recovery needs it (a transient message, read back only while the process
+    /// lives): may wait in the pending buffer like a requested one; a read writes it out.
     Volatile,
 }
 
@@ -326,13 +328,13 @@ impl Store {
         })
     }
 
-    /// Appends one record holding `refs` live references (0 for bookkeeping records).
-    /// [`Store::read`] sees it at once; durability is reported through
-    /// [`Store::durable`] / [`Store::wait_durable`]. Inside a segment whose storage is
-    /// reserved, the bytes are handed to the OS by the flusher (under `Always` just
-    /// before its fsync, under the other policies at once; many appends share one
-    /// write), so a process crash before that loses the record — as it was not
-    /// confirmed yet. Otherwise they are written before this returns.
+    /// Appends one record holding `refs` live references (0 for bookkeeping records),
+    /// with the [`Durability`] its writer needs. [`Store::read`] sees it at once;
+    /// durability is reported through [`Store::durable`] / [`Store::wait_durable`].
+    /// Inside a segment whose storage is reserved, the bytes are handed to the OS by the
+    /// flusher (under `Always` just before its fsync, under the other policies at once;
+    /// many appends share one write), so a process crash before that loses the record —
+    /// as it was not confirmed yet. Otherwise they are written before this returns.
     ///
     /// # Errors
     /// [`StoreError::RecordTooLarge`] above 512 MiB; [`StoreError::Poisoned`] after an
@@ -340,42 +342,24 @@ impl Store {
     /// full) and was undone: nothing of it is in the log and the store stays usable;
     /// [`StoreError::Io`] if an fsync fails or a failed write cannot be undone (which
     /// poisons the store); [`StoreError::Closed`] after shutdown.
-    pub fn append(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
-        let mut appended = self.append_batch(&[(payload, refs)])?;
+    pub fn append(
+        &self,
+        payload: &[u8],
+        refs: u32,
+        durability: Durability,
+    ) -> Result<Appended, StoreError> {
+        let mut appended = self.append_records(&[(payload, refs)], durability)?;
         Ok(appended.pop().expect("one record in, one position out"))
     }
 
-    /// Appends several records with as few writes as possible (one per segment touched);
-    /// positions are returned in input order.
+    /// Appends several [`Durability::Requested`] records with as few writes as possible
+    /// (one per segment touched); positions are returned in input order.
     ///
     /// # Errors
     /// As [`Store::append`]. If a later record of the batch fails, earlier ones may be in
     /// the log (and be replayed after a restart) although the call returned an error.
     pub fn append_batch(&self, payloads: &[(&[u8], u32)]) -> Result<Vec<Appended>, StoreError> {
         self.append_records(payloads, Durability::Requested)
-    }
-
-    /// Appends a record that nobody will wait on (an ack, a transient message): under
-    /// `Always` it does not start an fsync of its own but becomes durable with the next
-    /// requested one (or at shutdown). A crash may lose it, which its writer must accept.
-    ///
-    /// # Errors
-    /// As [`Store::append`].
-    pub fn append_lazy(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
-        let mut appended = self.append_records(&[(payload, refs)], Durability::Lazy)?;
-        Ok(appended.pop().expect("one record in, one position out"))
-    }
-
-    /// Appends a record that no recovery needs (a transient message: it is read back
-    /// while the process lives, never replayed): like [`Store::append_lazy`], but the
-    /// bytes may wait in the pending buffer like a requested append's — a process crash
-    /// may lose them, and a read writes them out first.
-    ///
-    /// # Errors
-    /// As [`Store::append`].
-    pub fn append_volatile(&self, payload: &[u8], refs: u32) -> Result<Appended, StoreError> {
-        let mut appended = self.append_records(&[(payload, refs)], Durability::Volatile)?;
-        Ok(appended.pop().expect("one record in, one position out"))
     }
 
     /// Queues a record nobody will ever wait on or read back (an ack) without a write

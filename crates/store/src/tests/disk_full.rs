@@ -13,12 +13,14 @@ fn failed_write_is_undone_and_the_store_keeps_working() {
     // disk surfaces on the write itself.
     fs.set_free_space(Some(10_000));
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
-    let good = store.append(&payload(1, 100), 1).expect("append");
+    let good = store
+        .append(&payload(1, 100), 1, Durability::Requested)
+        .expect("append");
     block_on(store.wait_durable(good.end)).expect("durable");
     let before = store.stats();
 
     fs.set_free_space(Some(50));
-    let refused = store.append(&payload(2, 100), 1);
+    let refused = store.append(&payload(2, 100), 1, Durability::Requested);
     let error = refused.expect_err("no room for 108 bytes");
     assert!(matches!(error, StoreError::WriteFailed { .. }), "{error:?}");
     assert!(error.is_out_of_space());
@@ -27,7 +29,7 @@ fn failed_write_is_undone_and_the_store_keeps_working() {
 
     fs.set_free_space(None);
     let next = store
-        .append(&payload(3, 100), 1)
+        .append(&payload(3, 100), 1, Durability::Requested)
         .expect("append after space returns");
     assert_eq!(
         next.position.0, good.end,
@@ -53,17 +55,21 @@ fn failed_segment_creation_is_undone() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Never);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
-    let first = store.append(&payload(1, 3000), 1).expect("append");
+    let first = store
+        .append(&payload(1, 3000), 1, Durability::Requested)
+        .expect("append");
     fs.set_free_space(Some(4));
     let error = store
-        .append(&payload(2, 3000), 1)
+        .append(&payload(2, 3000), 1, Durability::Requested)
         .expect_err("no room for the new segment's magic");
     assert!(error.is_out_of_space(), "{error:?}");
     assert!(store.durable().borrow().is_ok(), "not poisoned");
     assert_eq!(store.stats().segments, 1);
 
     fs.set_free_space(None);
-    let second = store.append(&payload(3, 3000), 1).expect("append");
+    let second = store
+        .append(&payload(3, 3000), 1, Durability::Requested)
+        .expect("append");
     assert_eq!(
         second.position.0,
         first.end + MAGIC_LEN,
@@ -93,7 +99,9 @@ fn reserved_segment_defers_writes_to_the_flusher_and_survives_power_loss() {
     let mut appended = Vec::new();
     for i in 0..50 {
         appended.push((
-            store.append(&payload(i, 500), 1).expect("append"),
+            store
+                .append(&payload(i, 500), 1, Durability::Requested)
+                .expect("append"),
             payload(i, 500),
         ));
     }
@@ -122,14 +130,16 @@ fn a_cut_back_write_does_not_leave_a_reservation_believed_that_is_gone() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 1 << 20, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
-    let good = store.append(&payload(1, 100), 1).expect("append");
+    let good = store
+        .append(&payload(1, 100), 1, Durability::Requested)
+        .expect("append");
     block_on(store.wait_durable(good.end)).expect("durable");
 
     // The disk is full (the segment's reservation still holds); one write fails and is
     // cut back, which frees the reservation; the freed space goes to someone else.
     fs.set_free_space(Some(0));
     fs.set_fail_writes(true);
-    let failed = store.append_lazy(&payload(2, 100), 1);
+    let failed = store.append(&payload(2, 100), 1, Durability::Lazy);
     assert!(failed.is_err(), "the write failed");
     fs.set_fail_writes(false);
     fs.set_free_space(Some(0));
@@ -139,7 +149,7 @@ fn a_cut_back_write_does_not_leave_a_reservation_believed_that_is_gone() {
     );
 
     // The next append is refused on its own, or taken and made durable; never poison.
-    match store.append(&payload(3, 100), 1) {
+    match store.append(&payload(3, 100), 1, Durability::Requested) {
         Ok(appended) => {
             block_on(store.wait_durable(appended.end))
                 .expect("an append the store took becomes durable");
@@ -152,6 +162,8 @@ fn a_cut_back_write_does_not_leave_a_reservation_believed_that_is_gone() {
     );
 
     fs.set_free_space(None);
-    let after = store.append(&payload(4, 100), 1).expect("space is back");
+    let after = store
+        .append(&payload(4, 100), 1, Durability::Requested)
+        .expect("space is back");
     block_on(store.wait_durable(after.end)).expect("durable");
 }

@@ -12,7 +12,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::segment::{MAGIC, MAGIC_LEN};
 use crate::sim::SimFileSystem;
-use crate::{FsyncPolicy, LogPosition, MAX_RECORD_SIZE, Store, StoreConfig, StoreError};
+use crate::{
+    Durability, FsyncPolicy, LogPosition, MAX_RECORD_SIZE, Store, StoreConfig, StoreError,
+};
 
 mod disk_full;
 mod power_loss;
@@ -76,8 +78,10 @@ fn append_read_roundtrip() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, visited) = open(StoreConfig::new(dir.path()));
     assert!(visited.is_empty());
-    let first = store.append(b"hello", 1).expect("append");
-    let empty = store.append(b"", 0).expect("append");
+    let first = store
+        .append(b"hello", 1, Durability::Requested)
+        .expect("append");
+    let empty = store.append(b"", 0, Durability::Requested).expect("append");
     assert_eq!(first.position, LogPosition(MAGIC_LEN));
     assert_eq!(first.len, 5);
     assert_eq!(first.end, MAGIC_LEN + 8 + 5);
@@ -107,14 +111,20 @@ fn positions_increase_across_rolls_and_survive_reopen() {
     let mut appended = Vec::new();
     for index in 0..40 {
         let bytes = payload(index, (index * 137) % 1800);
-        let at = store.append(&bytes, 0).expect("append");
+        let at = store
+            .append(&bytes, 0, Durability::Requested)
+            .expect("append");
         appended.push((at, bytes));
     }
     // One record larger than a segment gets a segment to itself.
     let big = payload(99, 10_000);
-    let big_at = store.append(&big, 0).expect("append big");
+    let big_at = store
+        .append(&big, 0, Durability::Requested)
+        .expect("append big");
     appended.push((big_at, big));
-    let after = store.append(b"after", 0).expect("append after big");
+    let after = store
+        .append(b"after", 0, Durability::Requested)
+        .expect("append after big");
     appended.push((after, b"after".to_vec()));
     for pair in appended.windows(2) {
         assert!(pair[0].0.end <= pair[1].0.position.0);
@@ -144,7 +154,9 @@ fn positions_increase_across_rolls_and_survive_reopen() {
         .map(|(at, bytes)| (at.position, bytes.clone()))
         .collect();
     assert_eq!(visited, expected);
-    let next = store.append(b"next", 0).expect("append");
+    let next = store
+        .append(b"next", 0, Durability::Requested)
+        .expect("append");
     assert!(next.position.0 >= after.end);
 }
 
@@ -176,7 +188,7 @@ fn too_large_record_is_rejected() {
     // calloc'd: no memory is touched.
     let huge = vec![0u8; MAX_RECORD_SIZE + 1];
     assert!(matches!(
-        store.append(&huge, 0),
+        store.append(&huge, 0, Durability::Requested),
         Err(StoreError::RecordTooLarge { .. })
     ));
     assert_eq!(store.stats().appended_records, 0);
@@ -186,7 +198,9 @@ fn too_large_record_is_rejected() {
 fn corrupted_record_reads_as_corrupt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _) = open(StoreConfig::new(dir.path()));
-    let at = store.append(b"precious", 0).expect("append");
+    let at = store
+        .append(b"precious", 0, Durability::Requested)
+        .expect("append");
     store.sync_all().expect("written out");
     let path = dir.path().join("log").join(format!("{:020}.log", 0));
     let mut bytes = std::fs::read(&path).expect("read segment");
@@ -207,7 +221,11 @@ fn corrupted_record_reads_as_corrupt() {
 fn store_with_segments(dir: &Path) -> (Store, Vec<crate::Appended>) {
     let (store, _) = open(config(dir, 4096, FsyncPolicy::Never));
     let appended: Vec<_> = (0..8)
-        .map(|index| store.append(&payload(index, 1500), 1).expect("append"))
+        .map(|index| {
+            store
+                .append(&payload(index, 1500), 1, Durability::Requested)
+                .expect("append")
+        })
         .collect();
     (store, appended)
 }
@@ -265,7 +283,9 @@ fn release_deletes_only_a_dead_prefix() {
     let (store, visited) = open(config(dir.path(), 4096, FsyncPolicy::Never));
     assert_eq!(visited.len(), 2);
     assert_eq!(visited[1].0, appended[7].position);
-    let next = store.append(b"next", 0).expect("append");
+    let next = store
+        .append(b"next", 0, Durability::Requested)
+        .expect("append");
     assert!(next.position.0 >= last_end);
 }
 
@@ -278,7 +298,9 @@ fn nothing_is_deleted_before_collect_garbage_after_reopen() {
     assert_eq!(visited.len(), 8);
     // Rolls before collect_garbage must not delete unretained recovered segments.
     for index in 0..4 {
-        store.append(&payload(index, 1500), 0).expect("append");
+        store
+            .append(&payload(index, 1500), 0, Durability::Requested)
+            .expect("append");
     }
     assert_eq!(store.stats().segments, 6);
     // The broker keeps record 4 (segment C): A and B go, C and later stay.
@@ -330,7 +352,11 @@ fn torn_and_zero_filled_tails_are_cut() {
     let cfg = config(dir.path(), 1 << 20, FsyncPolicy::Always);
     let (store, _) = open(cfg.clone());
     let kept: Vec<_> = (0..3)
-        .map(|index| store.append(&payload(index, 100), 0).expect("append"))
+        .map(|index| {
+            store
+                .append(&payload(index, 100), 0, Durability::Requested)
+                .expect("append")
+        })
         .collect();
     drop(store);
     let path = dir.path().join("log").join(format!("{:020}.log", 0));
@@ -342,7 +368,9 @@ fn torn_and_zero_filled_tails_are_cut() {
         let (store, visited) = open(cfg.clone());
         assert_eq!(visited.len(), 3);
         assert_eq!(std::fs::metadata(&path).expect("metadata").len(), clean_len);
-        let next = store.append(b"x", 0).expect("append");
+        let next = store
+            .append(b"x", 0, Durability::Requested)
+            .expect("append");
         assert_eq!(next.position.0, kept[2].end);
         drop(store);
         // Remove "x" again for the next round.
@@ -360,7 +388,9 @@ fn last_segment_without_magic_is_reset() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(dir.path(), 1 << 20, FsyncPolicy::Always);
     let (store, _) = open(cfg.clone());
-    let kept = store.append(b"kept", 0).expect("append");
+    let kept = store
+        .append(b"kept", 0, Durability::Requested)
+        .expect("append");
     drop(store);
     // A crash right after creating the next segment file, before its magic was written.
     let next = dir.path().join("log").join(format!("{:020}.log", kept.end));
@@ -368,7 +398,9 @@ fn last_segment_without_magic_is_reset() {
     let (store, visited) = open(cfg.clone());
     assert_eq!(visited, vec![(kept.position, b"kept".to_vec())]);
     assert_eq!(std::fs::read(&next).expect("read"), MAGIC);
-    let after = store.append(b"after", 0).expect("append");
+    let after = store
+        .append(b"after", 0, Durability::Requested)
+        .expect("append");
     assert_eq!(after.position.0, kept.end + MAGIC_LEN);
     drop(store);
     let (_store, visited) = open(cfg);
@@ -379,7 +411,9 @@ fn last_segment_without_magic_is_reset() {
 fn never_and_interval_confirm_on_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _) = open(config(dir.path(), 1 << 20, FsyncPolicy::Never));
-    let at = store.append(b"quick", 0).expect("append");
+    let at = store
+        .append(b"quick", 0, Durability::Requested)
+        .expect("append");
     // Confirmed once written (the flusher writes pending appends), without an fsync.
     block_on(store.wait_durable(at.end)).expect("durable");
     assert_eq!(store.stats().fsyncs, 0);
@@ -400,7 +434,9 @@ fn never_and_interval_confirm_on_write() {
         1 << 20,
         FsyncPolicy::Interval(Duration::from_millis(10)),
     ));
-    let at = store.append(b"quick", 0).expect("append");
+    let at = store
+        .append(b"quick", 0, Durability::Requested)
+        .expect("append");
     block_on(store.wait_durable(at.end)).expect("durable");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while store.stats().durable < at.end {
@@ -417,10 +453,15 @@ fn never_and_interval_confirm_on_write() {
 fn shutdown_syncs_and_refuses_appends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _) = open(config(dir.path(), 1 << 20, FsyncPolicy::Never));
-    let at = store.append(b"last words", 0).expect("append");
+    let at = store
+        .append(b"last words", 0, Durability::Requested)
+        .expect("append");
     store.shutdown().expect("shutdown");
     assert_eq!(store.stats().durable, at.end);
-    assert!(matches!(store.append(b"late", 0), Err(StoreError::Closed)));
+    assert!(matches!(
+        store.append(b"late", 0, Durability::Requested),
+        Err(StoreError::Closed)
+    ));
     store.shutdown().expect("second shutdown is a no-op");
 }
 
@@ -429,18 +470,20 @@ fn failed_fsync_poisons_the_store() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg).expect("open");
-    let good = store.append(b"good", 0).expect("append");
+    let good = store
+        .append(b"good", 0, Durability::Requested)
+        .expect("append");
     block_on(store.wait_durable(good.end)).expect("durable");
 
     fs.set_fail_sync(true);
     let doomed = store
-        .append(b"doomed", 0)
+        .append(b"doomed", 0, Durability::Requested)
         .expect("the write itself succeeds");
     let waited = block_on(store.wait_durable(doomed.end));
     assert!(waited.is_err(), "{waited:?}");
     assert!(store.durable().borrow().is_err());
     assert!(matches!(
-        store.append(b"more", 0),
+        store.append(b"more", 0, Durability::Requested),
         Err(StoreError::Poisoned)
     ));
     assert!(matches!(store.sync_all(), Err(StoreError::Poisoned)));
@@ -461,14 +504,19 @@ fn failed_fsync_at_roll_poisons_the_store() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Never);
     let (store, _) = open_sim(&fs, cfg).expect("open");
-    store.append(&[1; 3000], 0).expect("append");
+    store
+        .append(&[1; 3000], 0, Durability::Requested)
+        .expect("append");
     fs.set_fail_sync(true);
     assert!(matches!(
-        store.append(&[2; 3000], 0),
+        store.append(&[2; 3000], 0, Durability::Requested),
         Err(StoreError::Io { .. })
     ));
     assert!(store.durable().borrow().is_err());
-    assert!(matches!(store.append(b"x", 0), Err(StoreError::Poisoned)));
+    assert!(matches!(
+        store.append(b"x", 0, Durability::Requested),
+        Err(StoreError::Poisoned)
+    ));
 }
 
 #[test]
@@ -478,7 +526,11 @@ fn lazy_appends_wait_for_a_requested_fsync() {
     let before = store.stats().fsyncs;
     let mut last = None;
     for _ in 0..50 {
-        last = Some(store.append_lazy(b"ack record", 0).expect("append"));
+        last = Some(
+            store
+                .append(b"ack record", 0, Durability::Lazy)
+                .expect("append"),
+        );
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(store.stats().fsyncs, before, "nobody asked: no fsync");
@@ -494,7 +546,9 @@ fn lazy_appends_wait_for_a_requested_fsync() {
     }
     assert!(store.stats().fsyncs > before);
     // A normal append is requested by itself.
-    let appended = store.append(b"message", 1).expect("append");
+    let appended = store
+        .append(b"message", 1, Durability::Requested)
+        .expect("append");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while store.stats().durable < appended.end {
         assert!(
@@ -516,7 +570,9 @@ fn deferred_records_ride_along_with_the_next_write() {
     let start = store.stats().written;
     store.append_deferred(vec![7; 10]).expect("deferred");
     assert_eq!(store.stats().written, start, "no write of its own");
-    let real = store.append(&[1; 20], 1).expect("append");
+    let real = store
+        .append(&[1; 20], 1, Durability::Requested)
+        .expect("append");
     assert_eq!(
         real.position.0,
         start + 8 + 10,
@@ -563,15 +619,21 @@ fn volatile_records_are_readable_at_once_and_written_on_the_tick() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 1 << 20, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
-    let kept = store.append_volatile(&[3; 40], 1).expect("append");
+    let kept = store
+        .append(&[3; 40], 1, Durability::Volatile)
+        .expect("append");
     store.flush_deferred().expect("tick");
     store.sync_all().expect("sync");
-    let lost = store.append_volatile(&[4; 40], 1).expect("append");
+    let lost = store
+        .append(&[4; 40], 1, Durability::Volatile)
+        .expect("append");
     assert_eq!(
         store.read(lost.position, 40).expect("read").as_ref(),
         &[4; 40]
     );
-    let unread = store.append_volatile(&[5; 40], 1).expect("append");
+    let unread = store
+        .append(&[5; 40], 1, Durability::Volatile)
+        .expect("append");
     let survivor = fs.power_loss();
     drop(store);
     let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");

@@ -8,9 +8,13 @@ fn unsynced_segment_creation_is_lost_on_power_loss() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Never);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
-    let synced = store.append(&[1; 100], 0).expect("append");
+    let synced = store
+        .append(&[1; 100], 0, Durability::Requested)
+        .expect("append");
     store.sync_all().expect("sync");
-    store.append(&[2; 100], 0).expect("append, never synced");
+    store
+        .append(&[2; 100], 0, Durability::Requested)
+        .expect("append, never synced");
     let survivor = fs.power_loss();
     drop(store);
     let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
@@ -26,9 +30,13 @@ fn roll_under_always_leaves_the_new_segment_to_the_flusher() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
-    let first = store.append_lazy(&[1; 3000], 0).expect("append");
+    let first = store
+        .append(&[1; 3000], 0, Durability::Lazy)
+        .expect("append");
     store.sync_all().expect("sync");
-    let second = store.append_lazy(&[2; 3000], 0).expect("append that rolls");
+    let second = store
+        .append(&[2; 3000], 0, Durability::Lazy)
+        .expect("append that rolls");
     assert_eq!(
         store.stats().segments,
         2,
@@ -49,13 +57,20 @@ fn failed_directory_sync_after_a_roll_confirms_nothing_in_the_new_segment() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
-    let first = store.append(&[1; 3000], 0).expect("append");
+    let first = store
+        .append(&[1; 3000], 0, Durability::Requested)
+        .expect("append");
     block_on(store.wait_durable(first.end)).expect("durable");
     fs.set_fail_dir_sync(true);
-    let second = store.append(&[2; 3000], 0).expect("append that rolls");
+    let second = store
+        .append(&[2; 3000], 0, Durability::Requested)
+        .expect("append that rolls");
     assert!(block_on(store.wait_durable(second.end)).is_err());
     assert!(store.durable().borrow().is_err(), "the store is poisoned");
-    assert!(matches!(store.append(b"x", 0), Err(StoreError::Poisoned)));
+    assert!(matches!(
+        store.append(b"x", 0, Durability::Requested),
+        Err(StoreError::Poisoned)
+    ));
     let survivor = fs.power_loss();
     drop(store);
     let (_store, visited) = open_sim(&survivor, cfg).expect("reopen");
@@ -69,9 +84,13 @@ fn first_confirm_in_a_new_segment_survives_power_loss() {
     let fs = SimFileSystem::default();
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
-    let first = store.append(&[1; 3000], 0).expect("append");
+    let first = store
+        .append(&[1; 3000], 0, Durability::Requested)
+        .expect("append");
     block_on(store.wait_durable(first.end)).expect("durable");
-    let second = store.append(&[2; 3000], 0).expect("append that rolls");
+    let second = store
+        .append(&[2; 3000], 0, Durability::Requested)
+        .expect("append that rolls");
     block_on(store.wait_durable(second.end)).expect("durable");
     let survivor = fs.power_loss();
     drop(store);
@@ -93,7 +112,11 @@ fn second_roll_before_a_flusher_sync_makes_the_first_new_segment_durable() {
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg.clone()).expect("open");
     let records: Vec<_> = (1..=3u8)
-        .map(|byte| store.append_lazy(&[byte; 3000], 0).expect("append"))
+        .map(|byte| {
+            store
+                .append(&[byte; 3000], 0, Durability::Lazy)
+                .expect("append")
+        })
         .collect();
     assert_eq!(store.stats().segments, 3);
     let survivor = fs.power_loss();
@@ -117,13 +140,19 @@ fn dead_segment_stays_until_the_log_is_durable_past_its_death() {
     let cfg = config(Path::new("/sim"), 4096, FsyncPolicy::Always);
     let (store, _) = open_sim(&fs, cfg).expect("open");
     store.collect_garbage();
-    let original = store.append(&[1; 3000], 1).expect("append");
+    let original = store
+        .append(&[1; 3000], 1, Durability::Requested)
+        .expect("append");
     block_on(store.wait_durable(original.end)).expect("durable");
-    store.append_lazy(&[2; 3000], 0).expect("append that rolls");
+    store
+        .append(&[2; 3000], 0, Durability::Lazy)
+        .expect("append that rolls");
     store.sync_all().expect("sync");
     fs.set_fail_sync(true);
     // The "copy" that replaces the original, then the original's release.
-    store.append(&[3; 100], 1).expect("append");
+    store
+        .append(&[3; 100], 1, Durability::Requested)
+        .expect("append");
     store.release(original.position);
     assert_eq!(store.stats().segments, 1, "the dead segment left the table");
     store.wait_for_deletions();
@@ -219,12 +248,12 @@ fn power_cuts_under_load(torn_writeback: bool, rounds: usize) -> usize {
                         sequence += 1;
                         if torn_writeback && sequence.is_multiple_of(3) {
                             // Written at once, fsynced with the next flush; never confirmed.
-                            if store.append_lazy(&bytes, 1).is_err() {
+                            if store.append(&bytes, 1, Durability::Lazy).is_err() {
                                 return;
                             }
                             continue;
                         }
-                        let Ok(at) = store.append(&bytes, 1) else {
+                        let Ok(at) = store.append(&bytes, 1, Durability::Requested) else {
                             return;
                         };
                         if runtime.block_on(store.wait_durable(at.end)).is_err() {
@@ -316,7 +345,7 @@ fn moved_messages_survive_garbage_collection_and_power_loss() {
                             let id = worker * 1_000_000 + next;
                             next += 1;
                             let body = message(id, rng.random_range(8..1200));
-                            let Ok(original) = store.append(&body, 1) else {
+                            let Ok(original) = store.append(&body, 1, Durability::Requested) else {
                                 return;
                             };
                             if runtime.block_on(store.wait_durable(original.end)).is_err() {
@@ -328,7 +357,8 @@ fn moved_messages_survive_garbage_collection_and_power_loss() {
                             // Move: the copy first, then the original goes (not waiting
                             // for the copy's fsync, as dead-lettering does not).
                             let index = rng.random_range(0..held.len());
-                            let Ok(copy) = store.append(&held[index].2, 1) else {
+                            let Ok(copy) = store.append(&held[index].2, 1, Durability::Requested)
+                            else {
                                 return;
                             };
                             store.release(held[index].1);

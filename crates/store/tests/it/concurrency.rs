@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use holdfast_store::{FsyncPolicy, Store, StoreConfig};
+use holdfast_store::{Durability, FsyncPolicy, Store, StoreConfig};
 
 const THREADS: usize = 4;
 const APPENDS_PER_THREAD: usize = 250;
@@ -27,7 +27,9 @@ fn concurrent_appenders_share_fsyncs() {
                 (0..APPENDS_PER_THREAD)
                     .map(|index| {
                         let payload = format!("thread {thread} record {index}").repeat(4);
-                        let at = store.append(payload.as_bytes(), 1).expect("append");
+                        let at = store
+                            .append(payload.as_bytes(), 1, Durability::Requested)
+                            .expect("append");
                         runtime
                             .block_on(store.wait_durable(at.end))
                             .expect("durable");

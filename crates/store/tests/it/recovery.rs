@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use holdfast_store::{Appended, FsyncPolicy, LogPosition, Store, StoreConfig};
+use holdfast_store::{Appended, Durability, FsyncPolicy, LogPosition, Store, StoreConfig};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -107,7 +107,7 @@ proptest! {
             match *op {
                 Op::Append(len) => {
                     let bytes = random_payload(&mut rng, len);
-                    let at = store.append(&bytes, 0).expect("append");
+                    let at = store.append(&bytes, 0, Durability::Requested).expect("append");
                     appended.push((at, bytes));
                 }
                 Op::Sync => {
@@ -182,7 +182,7 @@ proptest! {
         let mut expected = visited.clone();
         for len in more {
             let bytes = random_payload(&mut rng, len);
-            let at = store.append(&bytes, 0).expect("append after recovery");
+            let at = store.append(&bytes, 0, Durability::Requested).expect("append after recovery");
             if let Some((last, _)) = expected.last() {
                 prop_assert!(at.position > *last);
             }
