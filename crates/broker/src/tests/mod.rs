@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use holdfast_store::sim::SimFileSystem;
 use holdfast_store::{FsyncPolicy, StoreConfig};
 use proptest::prelude::*;
 
@@ -442,21 +443,7 @@ fn a_record_of_an_unknown_kind_refuses_the_open() {
 /// back with its messages at the next start although the client had seen an error.)
 #[test]
 fn a_queue_delete_the_log_refuses_leaves_the_queue_and_its_messages() {
-    use holdfast_store::sim::SimFileSystem;
     let fs = SimFileSystem::default();
-    let config = BrokerConfig::new(StoreConfig {
-        dir: "/sim".into(),
-        segment_size: 1 << 20,
-        fsync: FsyncPolicy::Always,
-    });
-    let open_on = |fs: &SimFileSystem| {
-        let fs = fs.clone();
-        let store_config = config.store.clone();
-        Broker::open_with_store(config.clone(), move |visit| {
-            holdfast_store::Store::open_on(&fs, store_config, visit)
-        })
-        .expect("broker opens")
-    };
     // Too little room to reserve a segment: every write meets the disk at once.
     fs.set_free_space(Some(20_000));
     {
@@ -480,4 +467,95 @@ fn a_queue_delete_the_log_refuses_leaves_the_queue_and_its_messages() {
         Some(3),
         "after a restart the queue is there with its messages"
     );
+}
+
+/// A broker on the store's simulated disk (1 MiB segments, `fsync always`).
+fn open_on(fs: &SimFileSystem) -> Arc<Broker> {
+    let config = BrokerConfig::new(StoreConfig {
+        dir: "/sim".into(),
+        segment_size: 1 << 20,
+        fsync: FsyncPolicy::Always,
+    });
+    let fs = fs.clone();
+    let store_config = config.store.clone();
+    Broker::open_with_store(config, move |visit| {
+        holdfast_store::Store::open_on(&fs, store_config, visit)
+    })
+    .expect("broker opens")
+}
+
+/// A queue that expires (`x-expires`) or loses its last consumer (auto-delete) while the
+/// log cannot take its deletion stays whole, in memory and after a restart, instead of
+/// vanishing now and coming back at the next start with its messages. An expired one
+/// goes once the disk has room again; an auto-delete one when its next consumer leaves.
+#[test]
+fn a_queue_deletion_the_log_refuses_keeps_the_queue_for_expiry_and_auto_delete() {
+    let fs = SimFileSystem::default();
+    // Too little room to reserve a segment: every write meets the disk at once.
+    fs.set_free_space(Some(20_000));
+    let later = crate::enqueue::now_ms() + 60_000;
+    {
+        let broker = open_on(&fs);
+        let (c, _events) = connect(&broker);
+        let key = ChannelKey {
+            connection: c,
+            channel: 1,
+        };
+        broker.channel_open(key);
+        let mut expiring = holdfast_codec::FieldTable::default();
+        expiring.insert("x-expires".into(), holdfast_codec::AMQPValue::LongInt(1000));
+        for (name, auto_delete, arguments) in [
+            ("expiring", false, expiring),
+            ("brief", true, holdfast_codec::FieldTable::default()),
+        ] {
+            broker
+                .queue_declare(
+                    c,
+                    QueueDeclare {
+                        name: name.into(),
+                        durable: true,
+                        auto_delete,
+                        arguments,
+                        ..QueueDeclare::default()
+                    },
+                )
+                .expect("declare");
+            for id in 0..3 {
+                publish(&broker, c, name, id, true);
+            }
+        }
+        let (tag, _) = broker
+            .basic_consume(
+                key,
+                ConsumeRequest {
+                    queue: "brief".into(),
+                    no_ack: false,
+                    ..ConsumeRequest::default()
+                },
+            )
+            .expect("consume");
+        fs.set_free_space(Some(0));
+        broker.housekeeping(later);
+        broker.basic_cancel(key, &tag);
+        assert_eq!(
+            count(&broker, "expiring"),
+            Some(3),
+            "expired queue kept whole"
+        );
+        assert!(count(&broker, "brief").is_some(), "auto-delete queue kept");
+    }
+    {
+        let broker = open_on(&fs);
+        assert_eq!(count(&broker, "expiring"), Some(3), "after a restart too");
+        assert_eq!(count(&broker, "brief"), Some(3), "after a restart too");
+        fs.set_free_space(None);
+        broker.housekeeping(later);
+        assert_eq!(
+            count(&broker, "expiring"),
+            None,
+            "expired once the disk had room"
+        );
+    }
+    let broker = open_on(&fs);
+    assert_eq!(count(&broker, "expiring"), None, "its deletion is durable");
 }
