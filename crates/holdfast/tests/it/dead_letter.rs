@@ -30,6 +30,16 @@ async fn with_dead_letter_queue(
     name: &str,
     extra: &[(&str, AMQPValue)],
 ) -> String {
+    with_dead_letter_target(channel, name, extra, &[]).await
+}
+
+/// [`with_dead_letter_queue`] with `dlq_arguments` for the dead-letter queue.
+pub(crate) async fn with_dead_letter_target(
+    channel: &Channel,
+    name: &str,
+    extra: &[(&str, AMQPValue)],
+    dlq_arguments: &[(&str, AMQPValue)],
+) -> String {
     let dlx = format!("{name}.dlx");
     let dlq = format!("{name}.dlq");
     channel
@@ -44,7 +54,17 @@ async fn with_dead_letter_queue(
         )
         .await
         .expect("dlx");
-    declare(channel, &dlq, true).await;
+    channel
+        .queue_declare(
+            dlq.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args(dlq_arguments),
+        )
+        .await
+        .expect("dlq");
     channel
         .queue_bind(
             dlq.as_str().into(),

@@ -4,65 +4,21 @@
 use std::time::Duration;
 
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel};
 
-use crate::dead_letter::{args, as_text, deaths, get_one, text};
+use crate::dead_letter::{as_text, deaths, get_one, text, with_dead_letter_target};
 use crate::start;
 use crate::support::*;
 
 /// `name` dead-letters through fanout `name.dlx` into `name.dlq`, which holds one
 /// message and refuses more (`reject-publish`).
 async fn into_a_full_target(channel: &Channel, name: &str) -> String {
-    let dlx = format!("{name}.dlx");
-    let dlq = format!("{name}.dlq");
-    channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("dlx");
-    channel
-        .queue_declare(
-            dlq.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args(&[
-                ("x-max-length", AMQPValue::LongInt(1)),
-                ("x-overflow", text("reject-publish")),
-            ]),
-        )
-        .await
-        .expect("bounded dlq");
-    channel
-        .queue_bind(
-            dlq.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args(&[("x-dead-letter-exchange", text(&dlx))]),
-        )
-        .await
-        .expect("source queue");
+    let full = [
+        ("x-max-length", AMQPValue::LongInt(1)),
+        ("x-overflow", text("reject-publish")),
+    ];
+    let dlq = with_dead_letter_target(channel, name, &[], &full).await;
     publish(channel, "", &dlq, b"filler", true).await;
     dlq
 }

@@ -1,6 +1,7 @@
 //! Broker-side deduplication: a retried publish is confirmed but not enqueued twice,
 //! also after a crash and after the original was consumed and its segment deleted.
 
+use std::path::Path;
 use std::time::Duration;
 
 use lapin::options::*;
@@ -99,6 +100,40 @@ async fn duplicates_are_confirmed_but_not_enqueued() {
     assert_eq!(message_count(&channel, "dedup").await, 6);
 }
 
+/// Consumes and acks the one message in `queue`, then makes the log forget it: after
+/// more than one checkpoint interval, segments are rolled with filler that is purged,
+/// so the first segment (holding the consumed message's record and key) has nothing
+/// live left; the checkpoint, fallen a segment behind, is rewritten and it goes. With
+/// 64 KiB segments.
+async fn consume_and_age_out_first_segment(channel: &Channel, queue: &str, data: &Path) {
+    declare(channel, "filler", true).await;
+    channel
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .expect("get")
+        .expect("a message to consume")
+        .delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let body = vec![0u8; 8 * 1024];
+    for _ in 0..40 {
+        publish_confirmed(channel, "", "filler", &body).await;
+    }
+    channel
+        .queue_purge("filler".into(), QueuePurgeOptions::default())
+        .await
+        .expect("purge");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = data.join("log");
+    let segments = std::fs::read_dir(&log).expect("log dir").count();
+    assert!(
+        !log.join(format!("{:020}.log", 0)).exists(),
+        "the first segment should have been deleted ({segments} segments)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_window_survives_kill_9_and_segment_deletion() {
     let temp = tempfile::tempdir().expect("tempdir");
@@ -125,45 +160,9 @@ async fn the_window_survives_kill_9_and_segment_deletion() {
             )
             .await
             .expect("declare");
-        declare(&channel, "filler", true).await;
         send(&channel, "orders", "consumed", b"will be consumed").await;
-        let consumed = channel
-            .basic_get("orders".into(), BasicGetOptions::default())
-            .await
-            .expect("get")
-            .expect("consumed");
-        consumed
-            .delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .expect("ack");
-        // Let a checkpoint happen, then roll segments with filler that is purged, so the
-        // segment holding "consumed" has nothing live left and is deleted.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let body = vec![0u8; 8 * 1024];
-        for _ in 0..40 {
-            publish_confirmed(&channel, "", "filler", &body).await;
-        }
-        channel
-            .queue_purge("filler".into(), QueuePurgeOptions::default())
-            .await
-            .expect("purge");
-        // The checkpoint has fallen a segment behind: it is rewritten and the old
-        // segments go.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        consume_and_age_out_first_segment(&channel, "orders", &temp.path().join("data")).await;
         send(&channel, "orders", "kept", b"stays in the queue").await;
-        let segments = std::fs::read_dir(temp.path().join("data").join("log"))
-            .expect("log dir")
-            .count();
-        let first = temp
-            .path()
-            .join("data")
-            .join("log")
-            .join(format!("{:020}.log", 0));
-        assert!(
-            !first.exists(),
-            "the first segment should have been deleted ({segments} segments)"
-        );
     }
     server.kill9();
     server.restart();
@@ -484,36 +483,9 @@ async fn an_exchange_window_survives_checkpoints_kill_9_and_segment_deletion() {
         dedup_fanout(&channel, "orders-x").await;
         declare(&channel, "orders-q", true).await;
         bind(&channel, "orders-q", "orders-x").await;
-        declare(&channel, "filler", true).await;
         assert!(publish_to_exchange(&channel, "orders-x", "consumed").await);
-        let consumed = channel
-            .basic_get("orders-q".into(), BasicGetOptions::default())
-            .await
-            .expect("get")
-            .expect("consumed");
-        consumed
-            .delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .expect("ack");
-        // More than one checkpoint interval, then roll segments with filler that is
-        // purged, so the segment holding "consumed" has nothing live left and goes.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let body = vec![0u8; 8 * 1024];
-        for _ in 0..40 {
-            publish_confirmed(&channel, "", "filler", &body).await;
-        }
-        channel
-            .queue_purge("filler".into(), QueuePurgeOptions::default())
-            .await
-            .expect("purge");
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        consume_and_age_out_first_segment(&channel, "orders-q", &data).await;
         assert!(publish_to_exchange(&channel, "orders-x", "kept").await);
-        let first = data.join("log").join(format!("{:020}.log", 0));
-        assert!(
-            !first.exists(),
-            "the first segment should have been deleted"
-        );
     }
     server.kill9();
     server.restart();
