@@ -182,6 +182,34 @@ fn confirmed_records_survive_torn_power_loss() {
     assert!(torn > 0, "no cut left a torn tail for recovery to cut");
 }
 
+/// Starts `count` threads, each repeating the step `make(worker)` gives it (with its own
+/// seeded RNG and a runtime to wait for durability in) until `stop` is set or the step
+/// returns false (the store failed, as it does once the power is gone).
+fn spawn_workers<Step>(
+    count: u64,
+    rng: &mut StdRng,
+    stop: &Arc<AtomicBool>,
+    make: impl Fn(u64) -> Step,
+) -> Vec<std::thread::JoinHandle<()>>
+where
+    Step: FnMut(&mut StdRng, &tokio::runtime::Runtime) -> bool + Send + 'static,
+{
+    (0..count)
+        .map(|worker| {
+            let mut step = make(worker);
+            let stop = Arc::clone(stop);
+            let seed = rng.random::<u64>();
+            std::thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime");
+                while !stop.load(Ordering::SeqCst) && step(&mut rng, &runtime) {}
+            })
+        })
+        .collect()
+}
+
 /// Cuts the power `rounds` times under load; returns how many reopenings cut a torn
 /// tail.
 fn power_cuts_under_load(torn_writeback: bool, rounds: usize) -> usize {
@@ -230,40 +258,28 @@ fn power_cuts_under_load(torn_writeback: bool, rounds: usize) -> usize {
 
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let workers: Vec<_> = (0..3)
-            .map(|worker| {
-                let store = store.clone();
-                let stop = Arc::clone(&stop);
-                let log = Arc::clone(&log);
-                let seed = rng.random::<u64>();
-                std::thread::spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(seed);
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .build()
-                        .expect("runtime");
-                    let mut sequence = 0usize;
-                    while !stop.load(Ordering::SeqCst) {
-                        let len = rng.random_range(0..1500);
-                        let bytes = payload(worker * 1_000_000 + sequence, len);
-                        sequence += 1;
-                        if torn_writeback && sequence.is_multiple_of(3) {
-                            // Written at once, fsynced with the next flush; never confirmed.
-                            if store.append(&bytes, 1, Durability::Lazy).is_err() {
-                                return;
-                            }
-                            continue;
-                        }
-                        let Ok(at) = store.append(&bytes, 1, Durability::Requested) else {
-                            return;
-                        };
-                        if runtime.block_on(store.wait_durable(at.end)).is_err() {
-                            return;
-                        }
-                        log.lock().push((at.position, bytes));
-                    }
-                })
-            })
-            .collect();
+        let workers = spawn_workers(3, &mut rng, &stop, |worker| {
+            let store = store.clone();
+            let log = Arc::clone(&log);
+            let mut sequence = 0usize;
+            move |rng: &mut StdRng, runtime: &tokio::runtime::Runtime| {
+                let len = rng.random_range(0..1500);
+                let bytes = payload(worker as usize * 1_000_000 + sequence, len);
+                sequence += 1;
+                if torn_writeback && sequence.is_multiple_of(3) {
+                    // Written at once, fsynced with the next flush; never confirmed.
+                    return store.append(&bytes, 1, Durability::Lazy).is_ok();
+                }
+                let Ok(at) = store.append(&bytes, 1, Durability::Requested) else {
+                    return false;
+                };
+                if runtime.block_on(store.wait_durable(at.end)).is_err() {
+                    return false;
+                }
+                log.lock().push((at.position, bytes));
+                true
+            }
+        });
         std::thread::sleep(Duration::from_micros(rng.random_range(0..20_000)));
         // Snapshot the confirmations first: each was durable before the power went.
         let confirmed_now: Vec<_> = log.lock().clone();
@@ -325,54 +341,44 @@ fn moved_messages_survive_garbage_collection_and_power_loss() {
         // the power is cut under it, so the snapshot is exactly what was promised.
         let live = Arc::new(parking_lot::Mutex::new(BTreeSet::<u64>::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let workers: Vec<_> = (0..6u64)
-            .map(|worker| {
-                let store = store.clone();
-                let live = Arc::clone(&live);
-                let stop = Arc::clone(&stop);
-                let seed = rng.random::<u64>();
-                std::thread::spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(seed);
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .build()
-                        .expect("runtime");
-                    let mut next = 0;
-                    // This worker's confirmed, unacked messages: (id, position, body).
-                    let mut held: Vec<(u64, LogPosition, Vec<u8>)> = Vec::new();
-                    while !stop.load(Ordering::SeqCst) {
-                        let action = rng.random_range(0..10);
-                        if held.len() < 4 || (action < 4 && held.len() < 40) {
-                            let id = worker * 1_000_000 + next;
-                            next += 1;
-                            let body = message(id, rng.random_range(8..1200));
-                            let Ok(original) = store.append(&body, 1, Durability::Requested) else {
-                                return;
-                            };
-                            if runtime.block_on(store.wait_durable(original.end)).is_err() {
-                                return;
-                            }
-                            live.lock().insert(id);
-                            held.push((id, original.position, body));
-                        } else if action < 8 {
-                            // Move: the copy first, then the original goes (not waiting
-                            // for the copy's fsync, as dead-lettering does not).
-                            let index = rng.random_range(0..held.len());
-                            let Ok(copy) = store.append(&held[index].2, 1, Durability::Requested)
-                            else {
-                                return;
-                            };
-                            store.release(held[index].1);
-                            held[index].1 = copy.position;
-                        } else {
-                            let (id, at, _) = held.swap_remove(rng.random_range(0..held.len()));
-                            let mut live = live.lock();
-                            live.remove(&id);
-                            store.release(at);
-                        }
+        let workers = spawn_workers(6, &mut rng, &stop, |worker| {
+            let store = store.clone();
+            let live = Arc::clone(&live);
+            let mut next = 0;
+            // This worker's confirmed, unacked messages: (id, position, body).
+            let mut held: Vec<(u64, LogPosition, Vec<u8>)> = Vec::new();
+            move |rng: &mut StdRng, runtime: &tokio::runtime::Runtime| {
+                let action = rng.random_range(0..10);
+                if held.len() < 4 || (action < 4 && held.len() < 40) {
+                    let id = worker * 1_000_000 + next;
+                    next += 1;
+                    let body = message(id, rng.random_range(8..1200));
+                    let Ok(original) = store.append(&body, 1, Durability::Requested) else {
+                        return false;
+                    };
+                    if runtime.block_on(store.wait_durable(original.end)).is_err() {
+                        return false;
                     }
-                })
-            })
-            .collect();
+                    live.lock().insert(id);
+                    held.push((id, original.position, body));
+                } else if action < 8 {
+                    // Move: the copy first, then the original goes (not waiting for the
+                    // copy's fsync, as dead-lettering does not).
+                    let index = rng.random_range(0..held.len());
+                    let Ok(copy) = store.append(&held[index].2, 1, Durability::Requested) else {
+                        return false;
+                    };
+                    store.release(held[index].1);
+                    held[index].1 = copy.position;
+                } else {
+                    let (id, at, _) = held.swap_remove(rng.random_range(0..held.len()));
+                    let mut live = live.lock();
+                    live.remove(&id);
+                    store.release(at);
+                }
+                true
+            }
+        });
         std::thread::sleep(Duration::from_micros(rng.random_range(10_000..60_000)));
         let (promised, survivor) = {
             let live = live.lock();
