@@ -53,6 +53,14 @@ pub enum StoreError {
         /// What the store was doing.
         context: String,
     },
+    /// A replicated record's position is not where this log continues.
+    #[error("replicated record at {position} does not continue the log, which ends at {expected}")]
+    OutOfSequence {
+        /// Where this log ends.
+        expected: u64,
+        /// Where the record was placed in the leader's log.
+        position: u64,
+    },
     /// The store is poisoned by an earlier failed write or fsync (see [`StorePoisoned`];
     /// the cause was logged at error level when it happened).
     #[error("store poisoned by an earlier write or fsync failure")]

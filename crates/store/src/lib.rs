@@ -76,4 +76,4 @@ pub use config::{DEFAULT_SEGMENT_SIZE, FsyncPolicy, ParseFsyncPolicyError, Store
 pub use error::{StoreError, StorePoisoned};
 pub use position::LogPosition;
 pub use segment::MAX_RECORD_SIZE;
-pub use store::{Appended, Durability, Store, StoreStats};
+pub use store::{Appended, Durability, RawRecord, Store, StoreStats};

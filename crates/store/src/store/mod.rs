@@ -35,7 +35,10 @@ use crate::reaper::Reaper;
 mod flusher;
 mod reads;
 mod recovery;
+mod replica;
 mod writer;
+
+pub use replica::RawRecord;
 
 use recovery::recover;
 
@@ -420,7 +423,7 @@ impl Store {
         durability: Durability,
     ) -> Result<Vec<Appended>, StoreError> {
         let core = &self.handle.core;
-        let (appended, rolled) = core.append_batch(payloads, durability)?;
+        let (appended, rolled) = core.append_batch(payloads, durability, None)?;
         if rolled && core.gc_enabled.load(Ordering::SeqCst) {
             core.collect_garbage();
         }
@@ -573,7 +576,7 @@ impl Handle {
         let Some(flusher) = self.flusher.lock().take() else {
             return Ok(());
         };
-        if let Err(error) = self.core.append_batch(&[], Durability::Lazy) {
+        if let Err(error) = self.core.append_batch(&[], Durability::Lazy, None) {
             tracing::warn!(error = %error, "deferred records could not be written at shutdown");
         }
         self.core.writer.lock().shutdown = true;

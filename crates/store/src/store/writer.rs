@@ -17,10 +17,14 @@ impl Core {
         end
     }
 
+    /// Appends records; `placement` is the position a replicated record must get (the
+    /// leader's): the segment then rolls only where that position says the leader's
+    /// did, and a record it does not fit is refused.
     pub(super) fn append_batch(
         &self,
         payloads: &[(&[u8], u32)],
         durability: Durability,
+        placement: Option<u64>,
     ) -> Result<(Vec<Appended>, bool), StoreError> {
         let request = durability == Durability::Requested;
         for (payload, _) in payloads {
@@ -37,6 +41,24 @@ impl Core {
         }
         if writer.shutdown {
             return Err(StoreError::Closed);
+        }
+        if let Some(position) = placement {
+            // A replica's log holds only what the leader wrote: nothing of its own may
+            // be waiting to go in between.
+            if !writer.deferred.is_empty() || payloads.len() != 1 {
+                return Err(StoreError::OutOfSequence {
+                    expected: writer.written,
+                    position,
+                });
+            }
+            let rolls_here =
+                writer.active_len > MAGIC_LEN && position == writer.written + MAGIC_LEN;
+            if position != writer.written && !rolls_here {
+                return Err(StoreError::OutOfSequence {
+                    expected: writer.written,
+                    position,
+                });
+            }
         }
         let mut appended = Vec::with_capacity(payloads.len());
         let mut rolled = false;
@@ -62,7 +84,11 @@ impl Core {
         for (payload, refs, report) in records {
             let size = HEADER_LEN + payload.len() as u64;
             let at = writer.active_len;
-            if at > MAGIC_LEN && at + size > self.segment_size {
+            let roll = match placement {
+                Some(position) => position == writer.written + MAGIC_LEN && at > MAGIC_LEN,
+                None => at > MAGIC_LEN && at + size > self.segment_size,
+            };
+            if roll {
                 self.write_out(&mut writer, own)?;
                 self.roll(&mut writer)?;
                 rolled = true;

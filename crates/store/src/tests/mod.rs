@@ -18,6 +18,7 @@ use crate::{
 
 mod disk_full;
 mod power_loss;
+mod replication;
 
 type Visited = Vec<(LogPosition, Vec<u8>)>;
 
