@@ -65,7 +65,7 @@ pub async fn run_writer(
     frame_max: u32,
     heartbeat: Option<Duration>,
 ) {
-    let mut durable = broker.store().durable();
+    let mut durable = broker.confirmed();
     let mut pending: VecDeque<(u64, Pending)> = VecDeque::new();
     let mut out = BytesMut::with_capacity(64 * 1024);
     let mut confirms: Vec<ReadyConfirm> = Vec::new();

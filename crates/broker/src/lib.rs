@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 pub use alarm::{AlarmConfig, AlarmState, Alarms, MemoryWatermark};
 pub use broker::{
-    Broker, BrokerConfig, ConsumeRequest, GetOk, PublishOutcome, PublishRequest, QueueDeclare,
-    QueueDeclareOk,
+    Broker, BrokerConfig, ConfirmWatermark, ConsumeRequest, GetOk, PublishOutcome, PublishRequest,
+    QueueDeclare, QueueDeclareOk,
 };
 pub use error::{AmqpException, AmqpResult, BrokerError, ReplyCode, Scope};
 pub use exchange::ExchangeKind;

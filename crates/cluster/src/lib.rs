@@ -3,7 +3,8 @@
 //! and acknowledge what they made durable.
 //!
 //! This crate holds the link between one leader and one follower ([`leader::serve`] and
-//! [`follower::follow`]) over the frames of [`frame`]. Not built yet, and for the issue
+//! [`follower::follow`]) over the frames of [`frame`], and the sync-mode confirm
+//! watermark ([`watermark::confirm_watermark`]). Not built yet, and for the issue
 //! that asks for them: coordination in etcd (leases, epochs taken in a transaction, the
 //! in-sync set), the confirm rule that waits for the in-sync followers, truncation of a
 //! rejoining follower whose log runs past the leader's, and the node's life in the
@@ -13,6 +14,7 @@
 pub mod follower;
 pub mod frame;
 pub mod leader;
+pub mod watermark;
 
 /// What ends a replication link.
 #[derive(Debug, thiserror::Error)]

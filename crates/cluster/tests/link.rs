@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use holdfast_cluster::watermark::confirm_watermark;
 use holdfast_cluster::{LinkError, follower, leader};
 use holdfast_store::{Durability, FsyncPolicy, LogPosition, Store, StoreConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -87,6 +88,23 @@ async fn a_follower_becomes_a_byte_for_byte_copy_of_the_leader() {
     }
     let (leader, follower, mut acked) =
         link(leader_store.clone(), follower_store.clone(), 1, 0).await;
+    // Sync mode's confirm watermark over this link: it must never pass what the
+    // follower has made durable.
+    let mut watermark = confirm_watermark(leader_store.durable(), vec![acked.clone()]);
+    let checker = {
+        let follower_durable = follower_store.durable();
+        let mut watermark = watermark.clone();
+        tokio::spawn(async move {
+            while watermark.changed().await.is_ok() {
+                let at = watermark.borrow_and_update().clone().expect("healthy");
+                let follower_at = follower_durable.borrow().clone().expect("healthy");
+                assert!(
+                    at <= follower_at,
+                    "watermark {at} passed the follower's {follower_at}"
+                );
+            }
+        })
+    };
     let writer = {
         let store = leader_store.clone();
         tokio::spawn(async move {
@@ -112,6 +130,13 @@ async fn a_follower_becomes_a_byte_for_byte_copy_of_the_leader() {
         .await
         .expect("the follower caught up within 20 s")
         .expect("link alive");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        watermark.wait_for(|at| at.as_ref().is_ok_and(|at| *at >= end)),
+    )
+    .await
+    .expect("the watermark reached the end")
+    .expect("watermark alive");
     assert!(
         leader_store.stats().segments > 10,
         "the test rolled segments"
@@ -119,6 +144,12 @@ async fn a_follower_becomes_a_byte_for_byte_copy_of_the_leader() {
     leader.abort();
     follower.abort();
     let _ = (leader.await, follower.await);
+    checker.abort();
+    if let Err(panic) = checker.await
+        && panic.is_panic()
+    {
+        std::panic::resume_unwind(panic.into_panic());
+    }
     leader_store.shutdown().expect("shutdown");
     follower_store.shutdown().expect("shutdown");
     drop((leader_store, follower_store));

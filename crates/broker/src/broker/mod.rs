@@ -159,7 +159,15 @@ pub struct Broker {
     state: Mutex<State>,
     store: Store,
     alarms: Alarms,
+    /// Where confirms may be sent up to, when something other than the local log's
+    /// durability decides it (a leader in sync mode: its in-sync followers too).
+    confirm_watermark: std::sync::OnceLock<ConfirmWatermark>,
 }
+
+/// How far the log is durable as far as confirms are concerned, or the poison that
+/// stops them for good.
+pub type ConfirmWatermark =
+    tokio::sync::watch::Receiver<Result<u64, holdfast_store::StorePoisoned>>;
 
 fn not_found_queue(name: &str, vhost: &str) -> AmqpException {
     AmqpException::channel(
@@ -262,6 +270,7 @@ impl Broker {
             state: Mutex::new(state),
             store,
             alarms: Alarms::new(config.alarms, config.store.dir.clone()),
+            confirm_watermark: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&broker);
         std::thread::Builder::new()
@@ -353,6 +362,30 @@ impl Broker {
     #[cfg(test)]
     pub(crate) fn inspect<R>(&self, look: impl FnOnce(&State) -> R) -> R {
         look(&self.state.lock())
+    }
+
+    /// Where publisher confirms, and every reply that promises durability, may be sent
+    /// up to: the local log's durable offset ([`Store::durable`]), unless the node set
+    /// another with [`Broker::use_confirm_watermark`].
+    #[must_use]
+    pub fn confirmed(&self) -> ConfirmWatermark {
+        match self.confirm_watermark.get() {
+            Some(watermark) => watermark.clone(),
+            None => self.store.durable(),
+        }
+    }
+
+    /// Makes confirms wait for `watermark` instead of the local log alone (a leader in
+    /// sync mode passes the minimum over itself and its in-sync followers). Set once,
+    /// before connections are served.
+    ///
+    /// # Errors
+    /// Gives the watermark back if one was set already.
+    pub fn use_confirm_watermark(
+        &self,
+        watermark: ConfirmWatermark,
+    ) -> Result<(), ConfirmWatermark> {
+        self.confirm_watermark.set(watermark)
     }
 
     /// The store, for reading message bodies and awaiting durability.
