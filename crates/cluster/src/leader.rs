@@ -2,6 +2,7 @@
 //! log from where the follower's ends, as they become readable, and records the
 //! follower's acknowledgements in a watch (how far the follower's log is durable).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use holdfast_store::Store;
@@ -19,7 +20,8 @@ const FRAME_BYTES: usize = 256 * 1024;
 const IDLE_POLL: Duration = Duration::from_millis(5);
 
 /// Serves one follower on `socket` as the leader of `epoch`, until the follower goes or
-/// refuses. `acked` receives, in order, how far the follower's log is durable.
+/// refuses. `acked` receives, in order, how far the follower's log is durable (shared by
+/// the successive links of one follower, so a confirm watermark can watch it).
 ///
 /// # Errors
 /// [`LinkError::StaleEpoch`] when the follower has seen a newer epoch (this leader is
@@ -31,7 +33,7 @@ pub async fn serve(
     socket: TcpStream,
     store: Store,
     epoch: u64,
-    acked: watch::Sender<u64>,
+    acked: Arc<watch::Sender<u64>>,
 ) -> Result<(), LinkError> {
     socket.set_nodelay(true)?;
     let (mut reader, mut writer) = socket.into_split();

@@ -4,12 +4,13 @@
 //!
 //! This crate holds the link between one leader and one follower ([`leader::serve`] and
 //! [`follower::follow`]) over the frames of [`frame`], and the sync-mode confirm
-//! watermark ([`watermark::confirm_watermark`]). Not built yet, and for the issue
-//! that asks for them: coordination in etcd (leases, epochs taken in a transaction, the
-//! in-sync set), the confirm rule that waits for the in-sync followers, truncation of a
-//! rejoining follower whose log runs past the leader's, and the node's life in the
-//! binary. The link already fences by epoch: a follower refuses frames of an epoch older
-//! than one it has seen.
+//! watermark ([`watermark::confirm_watermark`]). The link fences by epoch: either side
+//! refuses an epoch older than one it has seen. The binary uses the crate for static
+//! replication (one leader, one follower, manual promotion).
+//!
+//! Not built yet: coordination in etcd (leases, epochs taken in a transaction, the
+//! in-sync set and its minimum), failover, truncation of a rejoining follower whose log
+//! runs past the leader's, catch-up from segments the leader has deleted.
 
 pub mod follower;
 pub mod frame;

@@ -63,7 +63,7 @@ async fn link(
     let (acked_tx, acked) = watch::channel(0);
     let leader = tokio::spawn(async move {
         let (socket, _) = listener.accept().await?;
-        leader::serve(socket, leader_store, epoch, acked_tx).await
+        leader::serve(socket, leader_store, epoch, std::sync::Arc::new(acked_tx)).await
     });
     let follower = tokio::spawn(async move {
         let socket = TcpStream::connect(address).await?;

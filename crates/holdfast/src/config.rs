@@ -54,6 +54,59 @@ pub struct ServerArgs {
     /// fraction of total memory (0.4) or bytes (1073741824) [default: 0.4].
     #[arg(long, env = "HOLDFAST_MEMORY_HIGH_WATERMARK")]
     pub memory_high_watermark: Option<MemoryWatermark>,
+    /// Lead static replication: accept a follower on this address and ship it the log
+    /// [default: off].
+    #[arg(long, env = "HOLDFAST_REPLICATION_LISTEN")]
+    pub replication_listen: Option<SocketAddr>,
+    /// Follow the leader with this replication address (HOST:PORT): keep a byte-for-byte
+    /// copy of its log and serve no AMQP [default: off].
+    #[arg(long, env = "HOLDFAST_FOLLOW")]
+    pub follow: Option<String>,
+    /// sync: a confirm waits for the follower too; async: for the leader's fsync alone
+    /// [default: sync].
+    #[arg(long, env = "HOLDFAST_REPLICATION")]
+    pub replication: Option<ReplicationMode>,
+}
+
+/// Whether a leader's confirms wait for its follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationMode {
+    /// A confirm leaves once the message is durable on the leader and on the follower.
+    Sync,
+    /// A confirm leaves once the message is durable on the leader; a failover may lose
+    /// what the follower had not received.
+    Async,
+}
+
+impl std::str::FromStr for ReplicationMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "sync" => Ok(ReplicationMode::Sync),
+            "async" => Ok(ReplicationMode::Async),
+            other => Err(format!("replication must be sync or async, not '{other}'")),
+        }
+    }
+}
+
+/// The node's part in static replication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replication {
+    /// A single node.
+    Off,
+    /// The leader: serves AMQP and ships its log to the follower that connects.
+    Lead {
+        /// Where followers connect.
+        listen: SocketAddr,
+        /// Whether confirms wait for the follower.
+        mode: ReplicationMode,
+    },
+    /// The follower: copies the leader's log, serves no AMQP.
+    Follow {
+        /// The leader's replication address.
+        leader: String,
+    },
 }
 
 /// `memory_high_watermark` in the file: `0.4` or `1073741824`, or either as a string.
@@ -81,6 +134,9 @@ struct FileConfig {
     disk_free_limit: Option<u64>,
     memory_high_watermark: Option<FileWatermark>,
     users: Option<Vec<User>>,
+    replication_listen: Option<SocketAddr>,
+    follow: Option<String>,
+    replication: Option<String>,
 }
 
 /// The resolved configuration.
@@ -93,6 +149,7 @@ pub struct Config {
     pub consumer_timeout: Duration,
     pub alarms: AlarmConfig,
     pub server: ServerConfig,
+    pub replication: Replication,
 }
 
 /// A configuration that cannot run.
@@ -120,6 +177,10 @@ pub enum ConfigError {
     NoUsers,
     #[error("consumer_timeout must be at least 1 ms")]
     ZeroConsumerTimeout,
+    #[error("invalid replication in config file: {0}")]
+    ReplicationMode(String),
+    #[error("a node either leads (replication_listen) or follows (follow), not both")]
+    LeadAndFollow,
     #[error("invalid memory_high_watermark in config file: {0}")]
     MemoryWatermark(String),
     #[error(
@@ -163,8 +224,28 @@ impl Config {
                     .map_err(|err| ConfigError::MemoryWatermark(err.to_string()))?,
             ),
         };
+        let mode = match args.replication {
+            Some(mode) => mode,
+            None => file
+                .replication
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(ConfigError::ReplicationMode)?
+                .unwrap_or(ReplicationMode::Sync),
+        };
+        let replication = match (
+            args.replication_listen.or(file.replication_listen),
+            args.follow.or(file.follow),
+        ) {
+            (Some(_), Some(_)) => return Err(ConfigError::LeadAndFollow),
+            (Some(listen), None) => Replication::Lead { listen, mode },
+            (None, Some(leader)) => Replication::Follow { leader },
+            (None, None) => Replication::Off,
+        };
         let defaults = ServerConfig::default();
         let config = Config {
+            replication,
             data_dir: args
                 .data_dir
                 .or(file.data_dir)
@@ -247,6 +328,39 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_leads_or_follows_not_both() {
+        let listen: SocketAddr = "127.0.0.1:5700".parse().expect("address");
+        let both = ServerArgs {
+            replication_listen: Some(listen),
+            follow: Some("127.0.0.1:5701".into()),
+            ..ServerArgs::default()
+        };
+        assert!(matches!(
+            Config::load(both),
+            Err(ConfigError::LeadAndFollow)
+        ));
+        let lead = ServerArgs {
+            replication_listen: Some(listen),
+            replication: Some(ReplicationMode::Async),
+            ..ServerArgs::default()
+        };
+        assert_eq!(
+            Config::load(lead).expect("valid").replication,
+            Replication::Lead {
+                listen,
+                mode: ReplicationMode::Async
+            }
+        );
+        assert_eq!(
+            Config::load(ServerArgs::default())
+                .expect("valid")
+                .replication,
+            Replication::Off
+        );
+        assert!("both".parse::<ReplicationMode>().is_err());
+    }
 
     #[test]
     fn flags_override_file_and_file_overrides_defaults() {

@@ -3,6 +3,7 @@
 
 mod config;
 mod outbox_cli;
+mod replication;
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::config::{Config, SHUTDOWN_GRACE, ServerArgs};
+use crate::config::{Config, Replication, SHUTDOWN_GRACE, ServerArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -81,12 +82,27 @@ fn main() -> anyhow::Result<()> {
 
 async fn run_server(config: Config) -> anyhow::Result<()> {
     info!(data_dir = %config.data_dir.display(), fsync = %config.fsync, "opening store");
+    let store = StoreConfig {
+        dir: config.data_dir.clone(),
+        segment_size: config.segment_size,
+        fsync: config.fsync,
+    };
+    if let Replication::Follow { leader } = &config.replication {
+        return replication::follow(leader, store, async {
+            let mut terminate =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(terminate) => terminate,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await;
+    }
     let broker = Broker::open(BrokerConfig {
-        store: StoreConfig {
-            dir: config.data_dir.clone(),
-            segment_size: config.segment_size,
-            fsync: config.fsync,
-        },
+        store,
         consumer_timeout: config.consumer_timeout,
         alarms: config.alarms,
     })
@@ -95,6 +111,9 @@ async fn run_server(config: Config) -> anyhow::Result<()> {
         .alarms()
         .spawn_monitor(holdfast_broker::alarm::ALARM_CHECK_INTERVAL)
         .context("cannot start the resource alarm monitor")?;
+    if let Replication::Lead { listen, mode } = config.replication {
+        replication::lead(listen, mode, &broker).await?;
+    }
     let listener = TcpListener::bind(config.amqp_listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.amqp_listen))?;

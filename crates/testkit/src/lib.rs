@@ -91,6 +91,27 @@ impl Server {
             .count()
     }
 
+    /// The value of `key=` in the first log line that has it (the server logs its
+    /// addresses that way), e.g. `replication` for the replication listener.
+    ///
+    /// # Panics
+    /// When the log's lock is poisoned.
+    #[must_use]
+    pub fn logged_value(&self, key: &str) -> Option<String> {
+        let needle = format!("{key}=");
+        self.log
+            .lock()
+            .expect("server log")
+            .iter()
+            .find_map(|line| {
+                let at = line.find(&needle)?;
+                line[at + needle.len()..]
+                    .split_whitespace()
+                    .next()
+                    .map(str::to_owned)
+            })
+    }
+
     /// The process id.
     #[must_use]
     pub fn pid(&self) -> u32 {

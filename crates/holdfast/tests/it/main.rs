@@ -19,6 +19,7 @@ mod power_loss;
 mod protocol;
 mod queues;
 mod raw;
+mod replication;
 mod routing;
 mod support;
 
