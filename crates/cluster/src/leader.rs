@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use holdfast_store::Store;
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -40,46 +41,24 @@ pub async fn serve(
     let (seen, log_end) = match read_frame(&mut reader).await? {
         Frame::Hello { epoch, log_end } => (epoch, log_end),
         other => {
-            let reason = format!("expected a hello, got {other:?}");
-            let _ = write_frame(
-                &mut writer,
-                &Frame::Refuse {
-                    reason: reason.clone(),
-                },
-            )
-            .await;
-            return Err(LinkError::Malformed(reason));
+            let malformed = LinkError::Malformed(format!("expected a hello, got {other:?}"));
+            return Err(refuse(&mut writer, malformed).await);
         }
     };
     if seen > epoch {
-        let refusal = LinkError::StaleEpoch { got: epoch, seen };
         warn!(
             epoch,
             seen, "a follower has seen a newer epoch: this leader is deposed"
         );
-        let _ = write_frame(
-            &mut writer,
-            &Frame::Refuse {
-                reason: refusal.to_string(),
-            },
-        )
-        .await;
-        return Err(refusal);
+        return Err(refuse(&mut writer, LinkError::StaleEpoch { got: epoch, seen }).await);
     }
     let leader_end = store.stats().written;
     if log_end > leader_end {
-        let refusal = LinkError::FollowerAhead {
+        let ahead = LinkError::FollowerAhead {
             follower: log_end,
             leader: leader_end,
         };
-        let _ = write_frame(
-            &mut writer,
-            &Frame::Refuse {
-                reason: refusal.to_string(),
-            },
-        )
-        .await;
-        return Err(refusal);
+        return Err(refuse(&mut writer, ahead).await);
     }
     acked.send_replace(log_end);
     let mut acks = tokio::spawn(async move {
@@ -135,4 +114,16 @@ pub async fn serve(
         )
         .await?;
     }
+}
+
+/// Tells the follower why the link ends (if it still listens), and gives the reason back.
+async fn refuse(writer: &mut OwnedWriteHalf, reason: LinkError) -> LinkError {
+    let _ = write_frame(
+        writer,
+        &Frame::Refuse {
+            reason: reason.to_string(),
+        },
+    )
+    .await;
+    reason
 }

@@ -88,18 +88,7 @@ async fn run_server(config: Config) -> anyhow::Result<()> {
         fsync: config.fsync,
     };
     if let Replication::Follow { leader } = &config.replication {
-        return replication::follow(leader, store, async {
-            let mut terminate =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(terminate) => terminate,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        })
-        .await;
+        return replication::follow(leader, store, stop_requested()?).await;
     }
     let broker = Broker::open(BrokerConfig {
         store,
@@ -127,10 +116,8 @@ async fn run_server(config: Config) -> anyhow::Result<()> {
         shutdown_rx,
     ));
     let mut durable = broker.store().durable();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let poisoned = tokio::select! {
-        _ = terminate.recv() => { info!("SIGTERM: shutting down"); false }
-        _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); false }
+        () = stop_requested()? => false,
         _ = durable.wait_for(Result::is_err) => true,
     };
     if poisoned {
@@ -149,4 +136,18 @@ async fn run_server(config: Config) -> anyhow::Result<()> {
         .context("final flush of the message store failed")?;
     info!("stopped");
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT, saying which.
+///
+/// # Errors
+/// When the SIGTERM handler cannot be installed.
+fn stop_requested() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        }
+    })
 }

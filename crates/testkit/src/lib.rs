@@ -98,18 +98,9 @@ impl Server {
     /// When the log's lock is poisoned.
     #[must_use]
     pub fn logged_value(&self, key: &str) -> Option<String> {
-        let needle = format!("{key}=");
-        self.log
-            .lock()
-            .expect("server log")
-            .iter()
-            .find_map(|line| {
-                let at = line.find(&needle)?;
-                line[at + needle.len()..]
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_owned)
-            })
+        let log = self.log.lock().expect("server log");
+        log.iter()
+            .find_map(|line| logged(line, key).map(str::to_owned))
     }
 
     /// The process id.
@@ -195,6 +186,13 @@ impl Drop for Server {
     }
 }
 
+/// The value the server logged as `key=VALUE` in `line`, if it did.
+fn logged<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!("{key}=");
+    let at = line.find(&needle)?;
+    line[at + needle.len()..].split_whitespace().next()
+}
+
 fn spawn(
     binary: &Path,
     data_dir: &Path,
@@ -240,13 +238,8 @@ fn try_spawn(
                 log.push(line.clone());
             }
             if !sent {
-                if let Some(at) = line.find("amqp=") {
-                    let addr = line[at + 5..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_owned();
-                    let _ = tx.send(Ok(addr));
+                if let Some(addr) = logged(&line, "amqp") {
+                    let _ = tx.send(Ok(addr.to_owned()));
                     sent = true;
                 } else if line.contains("ERROR") || line.contains("Error:") {
                     let _ = tx.send(Err(line));

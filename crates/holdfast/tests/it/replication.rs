@@ -104,11 +104,7 @@ async fn a_message_confirmed_in_sync_mode_survives_the_loss_of_the_leaders_machi
     let (mut leader, address) = start_leader(&leader_dir, "sync");
     let mut follower = Follower::start(&follower_dir, &address);
     let connection = leader.connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    let channel = confirming_channel(&connection).await;
     declare(&channel, "orders", true).await;
     publish_all(&channel, "orders", 0..2000).await;
     // The leader's machine is lost: its process and its disk.
@@ -142,11 +138,7 @@ async fn in_sync_mode_a_confirm_waits_for_the_follower() {
     let (leader, address) = start_leader(&temp.path().join("leader"), "sync");
     let mut follower = Follower::start(&follower_dir, &address);
     let connection = leader.connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    let channel = confirming_channel(&connection).await;
     declare(&channel, "orders", true).await;
     follower.kill9();
     let confirm = channel
@@ -180,11 +172,7 @@ async fn in_async_mode_a_confirm_needs_no_follower() {
     let temp = tempfile::tempdir().expect("tempdir");
     let (leader, _) = start_leader(temp.path(), "async");
     let connection = leader.connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    let channel = confirming_channel(&connection).await;
     declare(&channel, "orders", true).await;
     tokio::time::timeout(
         Duration::from_secs(5),

@@ -16,6 +16,16 @@ pub fn reply_code(err: &lapin::Error) -> Option<u16> {
     }
 }
 
+/// A channel of `connection` in confirm mode.
+pub async fn confirming_channel(connection: &lapin::Connection) -> Channel {
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    channel
+}
+
 pub async fn declare(channel: &Channel, name: &str, durable: bool) {
     channel
         .queue_declare(
